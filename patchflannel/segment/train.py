@@ -1,0 +1,270 @@
+"""Train a lung segmenter on ``lungseg/`` and write a weights bundle.
+
+    python -m patchflannel.segment.train --data ../shared/data/lungseg --out runs/seg \
+        --architecture fcdensenet_lite --size 160 --epochs 40
+
+Patients are split train/val/test (seeded, stratified by ``source``) and the split is
+written to ``split.csv``. By default the model learns the V7 lung convention (lung behind
+the heart included): ``gbseg`` masks exclude the heart shadow, and mixing the two in
+one target teaches the network neither; ``gbseg`` test images are still evaluated and
+reported as a cross-convention check. Every epoch the full training state is
+checkpointed (``checkpoint.pt``); re-running the same command resumes from it. The
+model with the best validation Jaccard is exported as a bundle (``bundle/``) each time
+it improves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..cv import read_split, split_patients, write_split
+from ..data import read_manifest
+from ..io import load_image, load_mask
+from ..preprocess import SegmenterPreprocess, resize
+from ..training import autocast, load_checkpoint, resolve_device, save_checkpoint, seed_everything
+from .bundle import save_bundle
+from .model import build_segmentation_model
+
+log = logging.getLogger(__name__)
+
+V7_SOURCES = ("v7darwin", "v7darwin-kermany")
+
+
+@dataclass
+class SegTrainConfig:
+    """Everything that defines a segmenter training run (saved in the checkpoint and bundle)."""
+
+    architecture: dict = field(default_factory=lambda: {"type": "fcdensenet", "preset": "fcdensenet_lite"})
+    size: int = 160
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    train_sources: tuple[str, ...] = V7_SOURCES
+    split_fractions: dict = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    max_rotation: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    max_translate: float = 0.06
+    amp: bool = True
+    channels_last: bool = True
+
+
+@dataclass
+class SegSamples:
+    """Preprocessed images and soft masks at the network size, kept in memory."""
+
+    rows: list[dict]
+    images: torch.Tensor  # (N, 1, S, S) float32 intensity in [0, 1] (before normalisation)
+    masks: torch.Tensor  # (N, 1, S, S) float32 in [0, 1]
+
+
+def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bool = True) -> SegSamples:
+    """Decode, equalise at full resolution and resize each image/mask pair once."""
+    size = (preprocess.size, preprocess.size)
+    images, masks = [], []
+    for row in tqdm(rows, desc="loading", disable=not progress, leave=False):
+        images.append(resize(preprocess.intensity(load_image(row["image"])), size))
+        masks.append(resize(load_mask(row["mask"]).astype(np.float32), size))
+    return SegSamples(rows, torch.from_numpy(np.stack(images))[:, None], torch.from_numpy(np.stack(masks))[:, None])
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, cfg: SegTrainConfig, generator: torch.Generator):
+    """Random small rotation, zoom and shift (one affine warp), and intensity jitter.
+
+    No flips: lungs are not mirror-symmetric (heart on the left).
+    """
+    n = images.shape[0]
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
+    angle = torch.deg2rad(u(-cfg.max_rotation, cfg.max_rotation))
+    scale = u(*cfg.scale_range)
+    tx, ty = u(-cfg.max_translate, cfg.max_translate) * 2, u(-cfg.max_translate, cfg.max_translate) * 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, images.shape, align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gamma = torch.exp(u(-0.25, 0.25))[:, None, None, None]
+    contrast = u(0.9, 1.1)[:, None, None, None]
+    brightness = u(-0.05, 0.05)[:, None, None, None]
+    images = (images.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
+    return images, masks
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice (per image, averaged)."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum((1, 2, 3))
+    dice = (2 * inter + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    return bce + (1 - dice).mean()
+
+
+def jaccard_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Jaccard and Dice of two bool masks (1, 1 when both are empty)."""
+    inter = np.logical_and(pred, truth).sum()
+    total = pred.sum() + truth.sum()
+    if total == 0:
+        return 1.0, 1.0
+    return float(inter / (total - inter)), float(2 * inter / total)
+
+
+@torch.inference_mode()
+def predict_logits(model, images: torch.Tensor, preprocess: SegmenterPreprocess, device, amp, channels_last, batch_size=16):
+    """Network logits for intensity images (N, 1, S, S); returns float32 on CPU."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = ((images[i : i + batch_size] - preprocess.mean) / preprocess.std).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def validation_jaccard(model, samples: SegSamples, preprocess, device, amp, channels_last) -> float:
+    """Mean per-image Jaccard at the network size (threshold 0.5, no post-processing)."""
+    logits = predict_logits(model, samples.images, preprocess, device, amp, channels_last)
+    pred = (logits > 0).numpy()
+    truth = (samples.masks > 0.5).numpy()
+    return float(np.mean([jaccard_dice(p, t)[0] for p, t in zip(pred, truth)]))
+
+
+def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, progress: bool = True,
+          limit: int | None = None, max_epochs_this_run: int | None = None) -> dict:
+    """Train (or resume) and export the best model; returns the run's history.
+
+    ``limit`` keeps only the first ``limit`` training images (for smoke tests);
+    ``max_epochs_this_run`` stops early after that many epochs (the schedule still spans
+    ``cfg.epochs``), so a run can be spread over several invocations.
+    """
+    device = resolve_device(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    rows = read_manifest(data_dir / "manifest.csv")
+    split_path = out_dir / "split.csv"
+    if split_path.exists():
+        split = read_split(split_path)
+    else:
+        split = split_patients(rows, cfg.split_fractions, seed=cfg.seed)
+        write_split(split, split_path)
+    train_rows = [r for r in rows if split[r["patient_id"]] == "train" and r["source"] in cfg.train_sources]
+    val_rows = [r for r in rows if split[r["patient_id"]] == "val" and r["source"] in cfg.train_sources]
+    if limit:
+        train_rows, val_rows = train_rows[:limit], val_rows[: max(2, limit // 4)]
+    preprocess = SegmenterPreprocess(size=cfg.size)
+    log.info("train %d images, val %d images", len(train_rows), len(val_rows))
+    train_set = load_samples(train_rows, preprocess, progress)
+    val_set = load_samples(val_rows, preprocess, progress)
+
+    model = build_segmentation_model(cfg.architecture).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set.images) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    history, best, start_epoch, elapsed = [], -1.0, 0, 0.0
+    ckpt_path = out_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, start_epoch = json.loads(state["history"]), state["best"], state["epoch"] + 1
+        elapsed = history[-1]["elapsed_s"] if history else 0.0
+        log.info("resumed after epoch %d (best val Jaccard %.4f)", state["epoch"], best)
+
+    epochs_run = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
+            break
+        t0 = time.perf_counter()
+        # Seeded per epoch, so a resumed run draws exactly what an uninterrupted run would.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
+        order = torch.randperm(len(train_set.images), generator=generator)
+        model.train()
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for step in bar:
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            x, y = augment(train_set.images[idx], train_set.masks[idx], cfg, generator)
+            x = ((x - preprocess.mean) / preprocess.std).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, cfg.amp):
+                logits = model(x)
+            loss = dice_bce_loss(logits, y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        val_j = validation_jaccard(model, val_set, preprocess, device, cfg.amp, cfg.channels_last)
+        elapsed += time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_jaccard": val_j,
+                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
+        log.info("epoch %d: loss %.4f, val Jaccard %.4f, %.0f s", epoch + 1, np.mean(losses), val_j, elapsed)
+        if val_j > best:
+            best = val_j
+            save_bundle(out_dir / "bundle", model, architecture=cfg.architecture, preprocess=preprocess,
+                        extra={"training": {**cfg.__dict__, "best_epoch": epoch + 1, "val_jaccard": val_j}})
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                                    "history": json.dumps(history)})
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        epochs_run += 1
+    return {"history": history, "best_val_jaccard": best}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m patchflannel.segment.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="lungseg folder (holding manifest.csv)")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, split, history, bundle/")
+    p.add_argument("--architecture", default="fcdensenet_lite",
+                   help="FC-DenseNet preset (fcdensenet_lite, fcdensenet56, 67, 103) or smp:<Arch>:<encoder>")
+    p.add_argument("--size", type=int, default=SegTrainConfig.size)
+    p.add_argument("--epochs", type=int, default=SegTrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=SegTrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=SegTrainConfig.lr)
+    p.add_argument("--seed", type=int, default=SegTrainConfig.seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--all-sources", action="store_true", help="also train on gbseg (heart-excluded masks)")
+    p.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
+    p.add_argument("--max-epochs-this-run", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.architecture.startswith("smp:"):
+        _, arch, encoder = args.architecture.split(":")
+        architecture = {"type": "smp", "arch": arch, "encoder_name": encoder}
+    else:
+        architecture = {"type": "fcdensenet", "preset": args.architecture}
+    cfg = SegTrainConfig(architecture=architecture, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed, amp=not args.no_amp)
+    if args.all_sources:
+        cfg.train_sources = V7_SOURCES + ("gbseg",)
+    result = train(args.data, args.out, cfg, device=args.device, progress=not args.no_progress,
+                   limit=args.limit, max_epochs_this_run=args.max_epochs_this_run)
+    print(json.dumps({"best_val_jaccard": result["best_val_jaccard"], "epochs": len(result["history"])}))
+
+
+if __name__ == "__main__":
+    main()
