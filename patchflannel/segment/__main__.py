@@ -1,0 +1,60 @@
+"""``python -m patchflannel.segment INPUT --out DIR``: the Stage 1 batch job.
+
+INPUT is a folder (searched recursively for PNG/JPEG/TIFF/BMP/DICOM) or a manifest CSV
+(paths in ``--path-column``, relative to the CSV; other columns are carried into the
+HDF5 pack). Writes one masked ``.npz`` per image, ``summary.jsonl``/``summary.csv`` with
+every input's status, and optionally an HDF5 pack. Rerunning resumes. Exit code 1 only
+when inputs were given and none could be processed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import PatchflannelError
+from .batch import run_batch
+from .segmenter import Segmenter
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m patchflannel.segment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", type=Path, help="folder of images or manifest .csv")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--weights", type=Path, default=None, help="segmenter bundle folder (default: shipped FC-DenseNet)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="threads that decode and write beside the network")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--working-size", type=int, default=1024, help="side of the stored square image")
+    p.add_argument("--path-column", default="image", help="manifest column holding image paths")
+    p.add_argument("--keep-unmasked", action="store_true", help="also store the unmasked image")
+    p.add_argument("--h5", type=Path, default=None, help="also pack all outputs into this HDF5 file")
+    p.add_argument("--retry-failed", action="store_true", help="retry inputs recorded as rejected or error")
+    p.add_argument("--limit", type=int, default=None, help="only the first N inputs")
+    p.add_argument("--no-amp", action="store_true", help="run the network in float32")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        segmenter = Segmenter.from_bundle(args.weights, device=args.device, amp=not args.no_amp,
+                                          working_size=args.working_size, batch_size=args.batch_size)
+        counts = run_batch(args.input, args.out, segmenter, batch_size=args.batch_size, workers=args.workers,
+                           path_column=args.path_column, keep_unmasked=args.keep_unmasked,
+                           retry_failed=args.retry_failed, h5_path=args.h5, progress=not args.no_progress,
+                           limit=args.limit)
+    except PatchflannelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    if counts["total"] == 0:
+        print("error: no images found", file=sys.stderr)
+        return 2
+    attempted = counts["total"] - counts["skipped"]
+    return 1 if attempted and counts["ok"] == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The Stage 1 segmenter: CXR image(s) -> lung masks at the original and the working size."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from ..errors import WeightsError
+from ..io import to_grey_float
+from ..preprocess import Letterbox, SegmenterPreprocess, resize
+from ..training import autocast, resolve_device
+from .bundle import load_bundle
+from .postprocess import postprocess_mask
+
+#: Environment variable that may point to a segmenter bundle folder.
+WEIGHTS_ENV = "PATCHFLANNEL_SEGMENTER"
+DEFAULT_BUNDLE = "segmenter-fcdensenet-lite"
+
+
+def default_bundle_path() -> Path:
+    """``$PATCHFLANNEL_SEGMENTER`` or the bundle shipped in the repository's ``weights/`` folder."""
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "weights" / DEFAULT_BUNDLE
+
+
+@dataclass(frozen=True)
+class LungCheck:
+    """Plausibility limits on the lung mask; outside them the image is rejected, not segmented.
+
+    Fractions are of the image area (the lungseg masks span 0.09-0.61).
+    """
+
+    min_area_fraction: float = 0.03
+    max_area_fraction: float = 0.85
+
+    def reason(self, mask: np.ndarray) -> str | None:
+        """Why ``mask`` is implausible as a pair of lungs, or ``None`` when it is plausible."""
+        fraction = float(mask.mean())
+        if fraction < self.min_area_fraction:
+            return f"no plausible lungs found (lung area {fraction:.1%} of the image, minimum {self.min_area_fraction:.0%})"
+        if fraction > self.max_area_fraction:
+            return f"implausible lung mask (lung area {fraction:.1%} of the image, maximum {self.max_area_fraction:.0%})"
+        return None
+
+
+@dataclass
+class Segmentation:
+    """One image's segmentation.
+
+    Attributes:
+        probability: lung probability at the network size ``(S, S)``, float32.
+        mask: bool lung mask at the input's original size (``None`` if not requested).
+        working_image: uint8 grey image letterboxed to ``working_size`` (aspect kept, zero-padded).
+        working_mask: bool lung mask on the same letterboxed grid.
+        letterbox: where the original sits in the working square.
+        rejection: why the mask is implausible, or ``None``.
+    """
+
+    probability: np.ndarray
+    mask: np.ndarray | None
+    working_image: np.ndarray | None
+    working_mask: np.ndarray | None
+    letterbox: Letterbox | None
+    rejection: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.rejection is None
+
+
+class Segmenter:
+    """Batched lung segmentation with a trained bundle.
+
+    Example:
+        >>> from patchflannel.segment import Segmenter
+        >>> from patchflannel.io import load_image
+        >>> seg = Segmenter.from_bundle()                      # doctest: +SKIP
+        >>> result = seg.segment(load_image("chest.png"))      # doctest: +SKIP
+        >>> result.mask.shape == load_image("chest.png").shape  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, model: torch.nn.Module, config: dict, *, device=None, amp: bool = True,
+                 channels_last: bool = True, batch_size: int = 16, working_size: int = 1024,
+                 lung_check: LungCheck = LungCheck(), name: str = ""):
+        self.device = resolve_device(device)
+        self.amp = amp
+        self.channels_last = channels_last
+        self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.config = config
+        self.preprocess = SegmenterPreprocess.from_dict(config["preprocess"])
+        self.threshold = float(config.get("threshold", 0.5))
+        self.batch_size = batch_size
+        self.working_size = working_size
+        self.lung_check = lung_check
+        self.name = name
+        #: Identifies weights + preprocessing in every output written with them.
+        self.id = f"{name}@{config.get('weights_sha256', 'unknown')[:12]}"
+
+    @classmethod
+    def from_bundle(cls, folder: str | os.PathLike | None = None, **kwargs) -> "Segmenter":
+        """Load a bundle folder (default: the shipped FC-DenseNet, see :func:`default_bundle_path`)."""
+        folder = Path(folder) if folder is not None else default_bundle_path()
+        if not folder.is_dir():
+            raise WeightsError(f"segmenter bundle not found at {folder}: pass a bundle folder, or set "
+                               f"{WEIGHTS_ENV} to one (the repository ships weights/{DEFAULT_BUNDLE})")
+        model, config = load_bundle(folder)
+        return cls(model, config, name=folder.name, **kwargs)
+
+    def network_input(self, image: np.ndarray) -> np.ndarray:
+        """Float grey image in [0, 1] -> normalised ``(S, S)`` network input."""
+        return self.preprocess(image)
+
+    @torch.inference_mode()
+    def probabilities(self, inputs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Lung probabilities ``(N, S, S)`` for preprocessed network inputs ``(N, S, S)``."""
+        batch = torch.from_numpy(np.ascontiguousarray(np.stack(list(inputs))))[:, None]
+        out = []
+        for i in range(0, len(batch), self.batch_size):
+            x = batch[i : i + self.batch_size].to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                out.append(torch.sigmoid(self.model(x).float())[:, 0].cpu())
+        return torch.cat(out).numpy()
+
+    def finish(self, image: np.ndarray, probability: np.ndarray, *, original_mask: bool = True,
+               working: bool = True) -> Segmentation:
+        """Masks from a probability map: at the original size and/or on the letterboxed working grid."""
+        mask = None
+        if original_mask:
+            mask = postprocess_mask(resize(probability, image.shape[:2], interpolation=cv2.INTER_LINEAR), self.threshold)
+        working_image = working_mask = box = None
+        if working:
+            box = Letterbox(image.shape[:2], self.working_size)
+            working_image = box.apply(np.round(image * 255).astype(np.uint8))
+            ch, cw = box.content_shape
+            content = postprocess_mask(resize(probability, (ch, cw), interpolation=cv2.INTER_LINEAR), self.threshold)
+            working_mask = np.zeros((self.working_size, self.working_size), dtype=bool)
+            y, x = box.offset
+            working_mask[y : y + ch, x : x + cw] = content
+        check = mask if mask is not None else (working_mask[box.offset[0]: box.offset[0] + box.content_shape[0],
+                                                            box.offset[1]: box.offset[1] + box.content_shape[1]])
+        return Segmentation(probability, mask, working_image, working_mask, box, self.lung_check.reason(check))
+
+    def segment_batch(self, images: Sequence[np.ndarray], **kwargs) -> list[Segmentation]:
+        """Segment several float grey images (any sizes) in batched forward passes."""
+        images = [to_grey_float(im) if im.dtype != np.float32 or im.ndim != 2 else im for im in images]
+        probs = self.probabilities([self.network_input(im) for im in images])
+        return [self.finish(im, p, **kwargs) for im, p in zip(images, probs)]
+
+    def segment(self, image: np.ndarray, **kwargs) -> Segmentation:
+        """Segment one grey image (float in [0, 1], or any array :func:`~patchflannel.io.to_grey_float` accepts)."""
+        return self.segment_batch([image], **kwargs)[0]
