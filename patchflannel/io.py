@@ -121,7 +121,7 @@ def _load_dicom(path: Path, limits: ImageLimits) -> np.ndarray:
 def _load_pillow(path: Path, limits: ImageLimits) -> np.ndarray:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
             with Image.open(path) as im:
                 w, h = im.size
                 _check_shape(path, (h, w), limits)  # before decoding a single pixel
@@ -139,8 +139,8 @@ def _load_pillow(path: Path, limits: ImageLimits) -> np.ndarray:
                 array = np.asarray(im)
     except InvalidImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImageError(path, f"refused as a possible decompression bomb ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(path, f"image exceeds the pixel limit, refused as a possible decompression bomb ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
         raise InvalidImageError(path, "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
