@@ -1,6 +1,7 @@
 """Masked CXR stores: one ``.npz`` per image, or one HDF5 pack per dataset.
 
-``.npz`` keys (written by :func:`write_masked_npz`, compressed, atomic):
+``.npz`` keys (written by :func:`write_masked_npz`: the zip-of-.npy format of
+``np.savez_compressed``, deflate level 1 by default, atomic):
 
 ========================  ======================================================
 ``masked_image``          uint8 ``(W, W)``: grey image letterboxed to the working size, zero outside the lung
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -33,9 +35,21 @@ from .training import atomic_write
 NPZ_ARRAY_KEYS = ("masked_image", "mask", "orig_shape", "content_box", "scale")
 
 
+def savez_compressed(file, compresslevel: int = 1, **arrays) -> None:
+    """``np.savez_compressed`` with a choice of deflate level (same zip-of-.npy format, read by ``np.load``).
+
+    Level 1 writes a masked 1024 px CXR ~5x faster than numpy's fixed level, for files ~10% larger.
+    """
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
+        for key, value in arrays.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+
+
 def write_masked_npz(path: str | os.PathLike, *, working_image: np.ndarray, working_mask: np.ndarray,
                      orig_shape: tuple[int, int], content_box: tuple[int, int, int, int], scale: float,
-                     segmenter: str, preprocess: dict, source: str, keep_unmasked: bool = False) -> None:
+                     segmenter: str, preprocess: dict, source: str, keep_unmasked: bool = False,
+                     compresslevel: int = 1) -> None:
     """Write one masked CXR as a compressed ``.npz`` (temp file + rename: never half-written)."""
     arrays = {
         "masked_image": np.where(working_mask, working_image, 0).astype(np.uint8),
@@ -52,7 +66,7 @@ def write_masked_npz(path: str | os.PathLike, *, working_image: np.ndarray, work
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            savez_compressed(f, compresslevel, **arrays)
 
     atomic_write(path, write)
 

@@ -92,24 +92,24 @@ def test_resume_skips_finished_inputs(finished_run, input_folder, segmenter):
 def test_interrupted_write_leaves_no_partial_file(input_folder, segmenter, tmp_path, monkeypatch):
     import patchflannel.store as store
 
-    real = np.savez_compressed
+    real = store.savez_compressed
     calls = {"n": 0}
 
-    def flaky(f, **arrays):
+    def flaky(f, level, **arrays):
         calls["n"] += 1
         if calls["n"] == 2:
             f.write(b"partial")
             raise OSError("disk full")
-        real(f, **arrays)
+        real(f, level, **arrays)
 
-    monkeypatch.setattr(store.np, "savez_compressed", flaky)
+    monkeypatch.setattr(store, "savez_compressed", flaky)
     counts = run_batch(input_folder / "covid", tmp_path, segmenter, progress=False)
     assert counts["error"] == 1 and counts["ok"] + counts["rejected"] == 3
     assert len(list(tmp_path.rglob("*.npz"))) == counts["ok"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     failed = [r for r in read_summary(tmp_path).values() if r["status"] == "error"]
     assert "disk full" in failed[0]["reason"]
-    monkeypatch.setattr(store.np, "savez_compressed", real)
+    monkeypatch.setattr(store, "savez_compressed", real)
     counts = run_batch(input_folder / "covid", tmp_path, segmenter, progress=False, retry_failed=True)
     assert counts["ok"] == 1 and len(list(tmp_path.rglob("*.npz"))) == 4
 
