@@ -43,3 +43,20 @@ def test_smp_model_builds_offline():
     model = build_segmentation_model({"type": "smp", "arch": "Unet", "encoder_name": "resnet18"})
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_smp_encoder_weights_from_local_file(tmp_path):
+    import torchvision
+
+    from patchflannel.segment.train import load_encoder_weights
+
+    model = build_segmentation_model({"type": "smp", "arch": "Unet", "encoder_name": "resnet18"})
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "resnet18.pt")
+    load_encoder_weights(model, tmp_path / "resnet18.pt")
+    # RGB first conv summed to one grey channel; deeper layers copied as they are.
+    torch.testing.assert_close(model.encoder.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(model.encoder.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="no tensor matches"):
+        load_encoder_weights(model, tmp_path / "bad.pt")

@@ -58,6 +58,7 @@ class SegTrainConfig:
     max_translate: float = 0.06
     amp: bool = True
     channels_last: bool = True
+    encoder_weights: str | None = None  # local file of pretrained encoder weights (smp models)
 
 
 @dataclass
@@ -99,6 +100,30 @@ def augment(images: torch.Tensor, masks: torch.Tensor, cfg: SegTrainConfig, gene
     brightness = u(-0.05, 0.05)[:, None, None, None]
     images = (images.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
     return images, masks
+
+
+def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load pretrained encoder weights of an smp model from a local file (safetensors or a
+    ``torch.save``d state dict, read with ``weights_only``). A 3-channel first convolution is
+    summed over its input channels to take grey input."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    encoder = model.encoder
+    own = encoder.state_dict()
+    for key, value in list(state.items()):
+        if key in own and value.ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
+            state[key] = value.sum(1, keepdim=True)
+    missing, unexpected = torch.nn.Module.load_state_dict(encoder, state, strict=False)
+    loaded = len(own) - len(missing)
+    if loaded == 0:
+        raise ValueError(f"{path}: no tensor matches the encoder's parameter names")
+    log.info("encoder weights from %s: %d tensors loaded, %d missing, %d unused", path, loaded, len(missing), len(unexpected))
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -169,7 +194,10 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     train_set = load_samples(train_rows, preprocess, progress)
     val_set = load_samples(val_rows, preprocess, progress)
 
-    model = build_segmentation_model(cfg.architecture).to(device)
+    model = build_segmentation_model(cfg.architecture)
+    if cfg.encoder_weights:
+        load_encoder_weights(model, cfg.encoder_weights)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -244,6 +272,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=SegTrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=SegTrainConfig.lr)
     p.add_argument("--seed", type=int, default=SegTrainConfig.seed)
+    p.add_argument("--encoder-weights", default=None, help="local pretrained encoder weights file (smp models)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--all-sources", action="store_true", help="also train on gbseg (heart-excluded masks)")
@@ -258,7 +287,7 @@ def main(argv=None) -> None:
     else:
         architecture = {"type": "fcdensenet", "preset": args.architecture}
     cfg = SegTrainConfig(architecture=architecture, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, amp=not args.no_amp)
+                         lr=args.lr, seed=args.seed, amp=not args.no_amp, encoder_weights=args.encoder_weights)
     if args.all_sources:
         cfg.train_sources = V7_SOURCES + ("gbseg",)
     result = train(args.data, args.out, cfg, device=args.device, progress=not args.no_progress,
