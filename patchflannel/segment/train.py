@@ -119,11 +119,13 @@ def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
     for key, value in list(state.items()):
         if key in own and value.ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
             state[key] = value.sum(1, keepdim=True)
-    missing, unexpected = torch.nn.Module.load_state_dict(encoder, state, strict=False)
-    loaded = len(own) - len(missing)
+    loaded = sum(key in own for key in state)
     if loaded == 0:
         raise ValueError(f"{path}: no tensor matches the encoder's parameter names")
-    log.info("encoder weights from %s: %d tensors loaded, %d missing, %d unused", path, loaded, len(missing), len(unexpected))
+    # smp encoders override load_state_dict (dropping classifier keys); call the plain one, non-strict.
+    result = torch.nn.Module.load_state_dict(encoder, state, strict=False)
+    log.info("encoder weights from %s: %d tensors loaded, %d missing, %d unused", path, loaded,
+             len(result.missing_keys), len(result.unexpected_keys))
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
