@@ -21,20 +21,25 @@ import cv2
 import numpy as np
 
 
+def equalization_lut(image: np.ndarray, nbins: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Quantised levels of a float image in [0, 1] and the equalising look-up table over them."""
+    levels = np.clip(image * (nbins - 1) + 0.5, 0, nbins - 1).astype(np.uint8 if nbins <= 256 else np.uint16)
+    counts = np.bincount(levels.ravel(), minlength=nbins)
+    cdf = np.cumsum(counts).astype(np.float64)
+    cdf_min = cdf[np.flatnonzero(counts)[0]]
+    span = cdf[-1] - cdf_min
+    if span <= 0:  # constant image: nothing to equalise
+        return levels, np.zeros(nbins, dtype=np.float32)
+    return levels, np.clip((cdf - cdf_min) / span, 0.0, 1.0).astype(np.float32)
+
+
 def equalize_histogram(image: np.ndarray, nbins: int = 256) -> np.ndarray:
     """Histogram-equalise a float image in [0, 1]; returns float32 in [0, 1].
 
     Computed on whatever resolution it is given: call it before resizing so the
     histogram is the full-resolution one.
     """
-    levels = np.clip((image * (nbins - 1) + 0.5).astype(np.int64), 0, nbins - 1)
-    counts = np.bincount(levels.ravel(), minlength=nbins)
-    cdf = np.cumsum(counts).astype(np.float64)
-    cdf_min = cdf[np.flatnonzero(counts)[0]]
-    span = cdf[-1] - cdf_min
-    if span <= 0:  # constant image: nothing to equalise
-        return np.zeros_like(image, dtype=np.float32)
-    lut = np.clip((cdf - cdf_min) / span, 0.0, 1.0).astype(np.float32)
+    levels, lut = equalization_lut(image, nbins)
     return lut[levels]
 
 
@@ -104,7 +109,10 @@ class SegmenterPreprocess:
     def intensity(self, image: np.ndarray) -> np.ndarray:
         """Full-resolution intensity steps (equalisation, gamma) of a float image in [0, 1]."""
         if self.equalize:
-            image = equalize_histogram(image)
+            levels, lut = equalization_lut(image)
+            if self.gamma != 1.0:  # gamma of the 256 table entries: same values, 1/1000 of the work
+                lut = adjust_gamma(lut, self.gamma)
+            return lut[levels]
         if self.gamma != 1.0:
             image = adjust_gamma(image, self.gamma)
         return image.astype(np.float32, copy=False)
