@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from .data import read_manifest
+from .errors import PatchflannelError
 from .segment.batch import run_batch
 from .segment.segmenter import Segmenter
 from .store import read_masked_npz
@@ -46,14 +47,17 @@ def main(argv=None) -> None:
     p.add_argument("--weights", type=Path, default=None)
     args = p.parse_args(argv)
 
-    rows = sample_rows(read_manifest(args.data / "cxr4" / "manifest.csv"), args.per_group, args.seed)
+    try:
+        rows = sample_rows(read_manifest(args.data / "cxr4" / "manifest.csv"), args.per_group, args.seed)
+        segmenter = Segmenter.from_bundle(args.weights)
+    except PatchflannelError as exc:
+        raise SystemExit(f"error: {exc} (the demo reads <data>/cxr4; pass --data or set PATCHFLANNEL_DATA)")
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = args.out / "sample.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    segmenter = Segmenter.from_bundle(args.weights)
     masked = args.out / "masked"
     counts = run_batch(manifest, masked, segmenter, keep_unmasked=True, h5_path=masked / "sample.h5")
     records = {r["path"]: r for r in csv.DictReader(open(masked / "summary.csv"))}
