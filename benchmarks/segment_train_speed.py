@@ -2,35 +2,42 @@
 
     python benchmarks/segment_train_speed.py --presets fcdensenet_lite,fcdensenet56 --sizes 128,160,256
 
-For each preset x input size: seconds per image of a full training step (forward,
-Dice+BCE loss, backward, AdamW) at batch 8, in float32 and in bf16 autocast with
-channels_last, median of ``--steps`` steps after a warm-up step; and the speed-up of
-bf16+channels_last over float32. Random data: the cost does not depend on content.
+For each preset x input size x variant: seconds per image of a full training step
+(forward, Dice+BCE loss, backward, AdamW) at batch 8, median of ``--steps`` steps after a
+warm-up step, and the peak resident memory of the process. Variants: ``fp32``;
+``bf16_cl`` (bf16 autocast + channels_last); ``bf16_cl_memeff`` (the same with
+memory-efficient dense blocks, which recompute concatenations in backward). Each
+configuration runs in a fresh process so peak memory is its own. Ratios are against
+``fp32`` of the same preset and size. Random data: the cost does not depend on content.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
-import torch
-
-from patchflannel.segment import create_fcdensenet
-from patchflannel.segment.train import dice_bce_loss
+VARIANTS = ("fp32", "bf16_cl", "bf16_cl_memeff")
 
 
-def seconds_per_image(preset: str, size: int, amp: bool, batch: int, steps: int) -> float:
+def one(preset: str, size: int, variant: str, batch: int, steps: int) -> dict:
+    import torch
+
+    from patchflannel.segment import create_fcdensenet
+    from patchflannel.segment.train import dice_bce_loss
+
     torch.manual_seed(0)
-    net = create_fcdensenet(preset).train()
-    if amp:
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    amp = variant != "fp32"
+    net = create_fcdensenet(preset, memory_efficient=variant.endswith("memeff")).train()
     x = torch.randn(batch, 1, size, size)
     y = (torch.rand(batch, 1, size, size) > 0.5).float()
     if amp:
+        net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -41,26 +48,40 @@ def seconds_per_image(preset: str, size: int, amp: bool, batch: int, steps: int)
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) / batch
+    return {"s_per_image": statistics.median(times[1:]) / batch,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params_m": sum(p.numel() for p in net.parameters()) / 1e6}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="fcdensenet_lite,fcdensenet56")
     p.add_argument("--sizes", default="128,160,256")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # preset,size,variant (child process)
     args = p.parse_args(argv)
+    if args.one:
+        preset, size, variant = args.one.split(",")
+        print(json.dumps(one(preset, int(size), variant, args.batch, args.steps)))
+        return {}
     rows = []
     for preset in args.presets.split(","):
-        params = sum(q.numel() for q in create_fcdensenet(preset).parameters())
         for size in map(int, args.sizes.split(",")):
-            fp32 = seconds_per_image(preset, size, False, args.batch, args.steps)
-            bf16 = seconds_per_image(preset, size, True, args.batch, args.steps)
-            rows.append({"preset": preset, "params_m": round(params / 1e6, 2), "size": size,
-                         "fp32_s_per_image": round(fp32, 3), "bf16_channels_last_s_per_image": round(bf16, 3),
-                         "speedup": round(fp32 / bf16, 2)})
-    report = {"threads": torch.get_num_threads(), "batch": args.batch, "results": rows}
+            base = None
+            for variant in args.variants.split(","):
+                out = subprocess.run([sys.executable, __file__, "--one", f"{preset},{size},{variant}",
+                                      "--batch", str(args.batch), "--steps", str(args.steps)],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                base = base or r
+                rows.append({"preset": preset, "params_m": round(r["params_m"], 2), "size": size, "variant": variant,
+                             "s_per_image": round(r["s_per_image"], 3), "peak_rss_mib": round(r["peak_rss_mib"]),
+                             "speedup_vs_fp32": round(base["s_per_image"] / r["s_per_image"], 2),
+                             "memory_vs_fp32": round(r["peak_rss_mib"] / base["peak_rss_mib"], 2)})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    report = {"batch": args.batch, "results": rows}
     print(json.dumps(report, indent=2))
     return report
 

@@ -60,3 +60,15 @@ def test_smp_encoder_weights_from_local_file(tmp_path):
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="no tensor matches"):
         load_encoder_weights(model, tmp_path / "bad.pt")
+
+
+def test_memory_efficient_variant_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = create_fcdensenet("fcdensenet_lite", dropout=0.0)
+    efficient = create_fcdensenet("fcdensenet_lite", dropout=0.0, memory_efficient=True)
+    efficient.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    plain(x).square().mean().backward()
+    efficient(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), efficient.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class FCDenseNetConfig:
         dropout: dropout after every convolution (0.2 in the paper).
         in_channels: input image channels (1 for grey CXRs).
         num_classes: output channels (1 = lung logit).
+        memory_efficient: recompute each dense layer's concatenated input in the backward
+            pass instead of storing it (less training memory, more compute).
     """
 
     down_layers: tuple[int, ...] = (4, 4, 4, 4, 4)
@@ -43,6 +46,7 @@ class FCDenseNetConfig:
     dropout: float = 0.2
     in_channels: int = 1
     num_classes: int = 1
+    memory_efficient: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -84,16 +88,23 @@ class DenseBlock(nn.Module):
     whether to concatenate them with the input, as the paper does on the down path.
     """
 
-    def __init__(self, in_channels: int, n_layers: int, growth_rate: int, dropout: float):
+    def __init__(self, in_channels: int, n_layers: int, growth_rate: int, dropout: float,
+                 memory_efficient: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, dropout) for i in range(n_layers)
         )
+        self.memory_efficient = memory_efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]
         for layer in self.layers:
-            features.append(layer(torch.cat(features, 1)))
+            if self.memory_efficient and torch.is_grad_enabled():
+                # The concatenation and BN-ReLU are recomputed in backward, not kept (Pleiss et al., 2017).
+                new = checkpoint(lambda *f, layer=layer: layer(torch.cat(f, 1)), *features, use_reentrant=False)
+            else:
+                new = layer(torch.cat(features, 1))
+            features.append(new)
         return torch.cat(features[1:], 1)
 
 
@@ -123,19 +134,19 @@ class FCDenseNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         self.transitions_down = nn.ModuleList()
         for n in c.down_layers:
-            self.down_blocks.append(DenseBlock(channels, n, k, c.dropout))
+            self.down_blocks.append(DenseBlock(channels, n, k, c.dropout, c.memory_efficient))
             channels += n * k
             skip_channels.append(channels)
             self.transitions_down.append(TransitionDown(channels, c.dropout))
 
-        self.bottleneck = DenseBlock(channels, c.bottleneck_layers, k, c.dropout)
+        self.bottleneck = DenseBlock(channels, c.bottleneck_layers, k, c.dropout, c.memory_efficient)
         up_in = c.bottleneck_layers * k  # only the new maps go up (saves memory, as in the paper)
 
         self.transitions_up = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         for n, skip in zip(reversed(c.down_layers), reversed(skip_channels)):
             self.transitions_up.append(nn.ConvTranspose2d(up_in, up_in, 3, stride=2, padding=1, output_padding=1))
-            self.up_blocks.append(DenseBlock(up_in + skip, n, k, c.dropout))
+            self.up_blocks.append(DenseBlock(up_in + skip, n, k, c.dropout, c.memory_efficient))
             last_in = up_in + skip
             up_in = n * k
         # The last up block's input is concatenated with its output before the classifier.
