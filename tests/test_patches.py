@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from patchflannel.patches import EmptyMaskError, extract_patches, image_seed, sample_centres
+
+
+@pytest.fixture(scope="module")
+def real_mask_and_image(lungseg_rows):
+    from patchflannel.io import load_image, load_mask
+
+    row = lungseg_rows[10]
+    return torch.from_numpy(load_mask(row["mask"])), torch.from_numpy(load_image(row["image"]))
+
+
+def test_every_centre_inside_the_lung(real_mask_and_image):
+    mask, _ = real_mask_and_image
+    centres = sample_centres(mask, 500, generator=torch.Generator().manual_seed(0))
+    assert centres.shape == (500, 2)
+    assert mask[centres[:, 0], centres[:, 1]].all()
+
+
+def test_centres_cover_the_lung_uniformly(real_mask_and_image):
+    mask, _ = real_mask_and_image
+    centres = sample_centres(mask, 20000, generator=torch.Generator().manual_seed(1))
+    # The two lungs get centres in proportion to their areas (joint draw over pixels).
+    left = mask[:, : mask.shape[1] // 2].sum() / mask.sum()
+    drawn_left = (centres[:, 1] < mask.shape[1] // 2).float().mean()
+    assert abs(float(drawn_left) - float(left)) < 0.02
+
+
+def test_seeds_reproduce(real_mask_and_image):
+    mask, image = real_mask_and_image
+    a = sample_centres(mask, 50, generator=torch.Generator().manual_seed(image_seed(image)))
+    b = sample_centres(mask, 50, generator=torch.Generator().manual_seed(image_seed(image)))
+    c = sample_centres(mask, 50, generator=torch.Generator().manual_seed(image_seed(image, seed=1)))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert image_seed(image) == image_seed(image.numpy())
+
+
+def test_empty_mask_is_refused():
+    with pytest.raises(EmptyMaskError, match="fewer than"):
+        sample_centres(torch.zeros(64, 64, dtype=torch.bool), 5, generator=torch.Generator())
+
+
+def naive_crop(image: np.ndarray, r: int, c: int, size: int) -> np.ndarray:
+    out = np.zeros((image.shape[0], size, size), image.dtype)
+    half = size // 2
+    for i in range(size):
+        for j in range(size):
+            y, x = r - half + i, c - half + j
+            if 0 <= y < image.shape[1] and 0 <= x < image.shape[2]:
+                out[:, i, j] = image[:, y, x]
+    return out
+
+
+def test_extraction_equals_naive_crops_with_zero_padding(real_mask_and_image):
+    mask, image = real_mask_and_image
+    images = torch.stack([image, image.flip(0)])[:, None].repeat(1, 2, 1, 1)  # N=2, C=2
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.stack([sample_centres(mask, 4, generator=gen) for _ in range(2)])
+    centres[0, 0] = torch.tensor([0, 0])  # corner: 3/4 of the patch is padding
+    centres[1, 1] = torch.tensor([image.shape[0] - 1, image.shape[1] - 1])
+    patches = extract_patches(images, centres, 32)
+    assert patches.shape == (8, 2, 32, 32)
+    for n in range(2):
+        for k in range(4):
+            r, c = centres[n, k].tolist()
+            np.testing.assert_array_equal(patches[n * 4 + k].numpy(), naive_crop(images[n].numpy(), r, c, 32))
+    assert patches[0, :, :16, :].abs().sum() == 0  # rows above the image are zero, not stretched
