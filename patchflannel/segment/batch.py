@@ -126,11 +126,10 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
 
     def finish(item: BatchInput, image: np.ndarray, probability: np.ndarray) -> dict:
         result = segmenter.finish(image, probability, original_mask=False, working=True)
-        rec = {"input": item.name, "path": str(item.path), "orig_shape": list(image.shape)}
+        rec = {"input": item.name, "path": str(item.path), "orig_shape": list(image.shape),
+               "lung_fraction": round(result.lung_fraction, 4)}
         box = result.letterbox
-        y0, x0 = box.offset
-        ch, cw = box.content_shape
-        rec["lung_fraction"] = round(float(result.working_mask[y0 : y0 + ch, x0 : x0 + cw].mean()), 4)
+        (y0, x0), (ch, cw) = box.offset, box.content_shape
         if not result.ok:
             return {**rec, "status": "rejected", "reason": result.rejection, "output": None}
         out = output_path(out_dir, item.name)

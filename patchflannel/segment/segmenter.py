@@ -61,6 +61,7 @@ class Segmentation:
         working_mask: bool lung mask on the same letterboxed grid.
         letterbox: where the original sits in the working square.
         rejection: why the mask is implausible, or ``None``.
+        lung_fraction: fraction of the image (not the padding) covered by the lung mask.
     """
 
     probability: np.ndarray
@@ -69,6 +70,7 @@ class Segmentation:
     working_mask: np.ndarray | None
     letterbox: Letterbox | None
     rejection: str | None
+    lung_fraction: float
 
     @property
     def ok(self) -> bool:
@@ -136,21 +138,21 @@ class Segmenter:
     def finish(self, image: np.ndarray, probability: np.ndarray, *, original_mask: bool = True,
                working: bool = True) -> Segmentation:
         """Masks from a probability map: at the original size and/or on the letterboxed working grid."""
-        mask = None
+        mask = content = None
         if original_mask:
             mask = postprocess_mask(resize(probability, image.shape[:2], interpolation=cv2.INTER_LINEAR), self.threshold)
         working_image = working_mask = box = None
         if working:
             box = Letterbox(image.shape[:2], self.working_size)
             working_image = box.apply(np.round(image * 255).astype(np.uint8))
-            ch, cw = box.content_shape
-            content = postprocess_mask(resize(probability, (ch, cw), interpolation=cv2.INTER_LINEAR), self.threshold)
+            content = postprocess_mask(resize(probability, box.content_shape, interpolation=cv2.INTER_LINEAR),
+                                       self.threshold)
             working_mask = np.zeros((self.working_size, self.working_size), dtype=bool)
-            y, x = box.offset
+            (y, x), (ch, cw) = box.offset, box.content_shape
             working_mask[y : y + ch, x : x + cw] = content
-        check = mask if mask is not None else (working_mask[box.offset[0]: box.offset[0] + box.content_shape[0],
-                                                            box.offset[1]: box.offset[1] + box.content_shape[1]])
-        return Segmentation(probability, mask, working_image, working_mask, box, self.lung_check.reason(check))
+        checked = mask if mask is not None else content if content is not None else postprocess_mask(probability, self.threshold)
+        return Segmentation(probability, mask, working_image, working_mask, box, self.lung_check.reason(checked),
+                            float(checked.mean()))
 
     def segment_batch(self, images: Sequence[np.ndarray], **kwargs) -> list[Segmentation]:
         """Segment several float grey images (any sizes) in batched forward passes."""
