@@ -84,8 +84,12 @@ def test_npz_contents(finished_run, segmenter):
 def test_resume_skips_finished_inputs(finished_run, input_folder, segmenter):
     out, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
+    stale = out / "covid" / ".film.jpg.npz.k3j2.tmp"  # what a SIGKILL during a write leaves
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"partial")
     counts = run_batch(input_folder, out, segmenter, progress=False)
     assert counts["skipped"] == 21 and counts["ok"] == 0
+    assert not stale.exists()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} == before
 
 

@@ -96,6 +96,16 @@ def read_summary(out_dir: Path) -> dict[str, dict]:
     return records
 
 
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete temporary files a killed run left behind (one job per output folder at a time)."""
+    stale = [p for p in out_dir.rglob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    return len(stale)
+
+
 def _finished(rec: dict | None, out_dir: Path, retry_failed: bool) -> bool:
     if rec is None:
         return False
@@ -114,6 +124,7 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = collect_inputs(source, path_column)[:limit]
+    remove_stale_temp_files(out_dir)
     done = read_summary(out_dir)
     todo = [x for x in inputs if not _finished(done.get(x.name), out_dir, retry_failed)]
     counts = {"ok": 0, "rejected": 0, "error": 0, "skipped": len(inputs) - len(todo), "total": len(inputs)}
