@@ -34,6 +34,11 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename into ``path``: readers never see a partial file."""
     path = Path(path)
@@ -42,6 +47,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
