@@ -32,7 +32,7 @@ from ..data import read_manifest
 from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
 from ..training import autocast, load_checkpoint, resolve_device, save_checkpoint, seed_everything
-from .bundle import save_bundle
+from .bundle import save_bundle, sha256_file
 from .model import build_segmentation_model
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,10 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         elapsed = history[-1]["elapsed_s"] if history else 0.0
         log.info("resumed after epoch %d (best val Jaccard %.4f)", state["epoch"], best)
 
+    training_record = dict(cfg.__dict__)
+    if cfg.encoder_weights:  # a file name and hash, not a path on the training machine
+        training_record["encoder_weights"] = {"file": Path(cfg.encoder_weights).name,
+                                              "sha256": sha256_file(cfg.encoder_weights)}
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs):
         if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
@@ -272,7 +276,7 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         if val_j > best:
             best = val_j
             save_bundle(out_dir / "bundle", model, architecture=cfg.architecture, preprocess=preprocess,
-                        extra={"training": {**cfg.__dict__, "best_epoch": epoch + 1, "val_jaccard": val_j}})
+                        extra={"training": {**training_record, "best_epoch": epoch + 1, "val_jaccard": val_j}})
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
                                     "history": json.dumps(history)})
