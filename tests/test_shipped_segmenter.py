@@ -64,3 +64,16 @@ def test_config_records_preprocessing_and_training(segmenter):
     assert config["preprocess"] == segmenter.preprocess.to_dict()
     assert config["architecture"]["type"] == "fcdensenet"
     assert 0 < config["threshold"] < 1
+
+
+def test_arrays_are_validated_and_rescaled(segmenter, held_out):
+    from patchflannel.errors import InvalidImageError
+
+    image = load_image(held_out[0]["image"])
+    reference = segmenter.segment(image).mask
+    # A 12-bit film passed as float32 0..4095 is rescaled, not clipped to white.
+    assert jaccard_dice(segmenter.segment((image * 4095).astype(np.float32)).mask, reference)[0] > 0.98
+    bad = image.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(InvalidImageError, match="NaN"):
+        segmenter.segment(bad)

@@ -30,6 +30,12 @@ def default_bundle_path() -> Path:
     return Path(__file__).resolve().parents[2] / "weights" / DEFAULT_BUNDLE
 
 
+def _is_unit_grey(image: np.ndarray) -> bool:
+    """Already what the segmenter takes: float32, 2-D, finite, within [0, 1]."""
+    return (image.dtype == np.float32 and image.ndim == 2 and bool(np.isfinite(image).all())
+            and float(image.min()) >= 0.0 and float(image.max()) <= 1.0)
+
+
 @dataclass(frozen=True)
 class LungCheck:
     """Plausibility limits on the lung mask; outside them the image is rejected, not segmented.
@@ -156,7 +162,7 @@ class Segmenter:
 
     def segment_batch(self, images: Sequence[np.ndarray], **kwargs) -> list[Segmentation]:
         """Segment several float grey images (any sizes) in batched forward passes."""
-        images = [to_grey_float(im) if im.dtype != np.float32 or im.ndim != 2 else im for im in images]
+        images = [im if _is_unit_grey(im) else to_grey_float(im) for im in images]
         probs = self.probabilities([self.network_input(im) for im in images])
         return [self.finish(im, p, **kwargs) for im, p in zip(images, probs)]
 
