@@ -23,6 +23,12 @@ def test_short_training_lowers_the_loss_and_exports_a_bundle(lungseg_dir, tmp_pa
     # The exported bundle loads and segments.
     seg = Segmenter.from_bundle(tmp_path / "bundle", device="cpu")
     assert seg.probabilities(np.zeros((2, 64, 64), np.float32)).shape == (2, 64, 64)
+    # A further cycle starts from the bundle: its first epoch is better than the first one from scratch.
+    cfg = tiny_config(1)
+    cfg.init_from = str(tmp_path / "bundle")
+    again = train(lungseg_dir, tmp_path / "cycle2", cfg, device="cpu", progress=False, limit=24)
+    assert again["history"][0]["train_loss"] < losses[0]
+    assert json.loads((tmp_path / "cycle2" / "bundle" / "config.json").read_text())["training"]["init_from"]
 
 
 def test_resume_reproduces_an_uninterrupted_run(lungseg_dir, tmp_path):

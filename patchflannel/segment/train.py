@@ -32,7 +32,7 @@ from ..data import read_manifest
 from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
 from ..training import autocast, load_checkpoint, resolve_device, save_checkpoint, seed_everything
-from .bundle import save_bundle, sha256_file
+from .bundle import load_bundle, save_bundle, sha256_file
 from .model import build_segmentation_model
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class SegTrainConfig:
     amp: bool = True
     channels_last: bool = True
     encoder_weights: str | None = None  # local file of pretrained encoder weights (smp models)
+    init_from: str | None = None  # bundle folder whose weights start this run (a further training cycle)
 
 
 @dataclass
@@ -218,6 +219,11 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     model = build_segmentation_model(cfg.architecture)
     if cfg.encoder_weights:
         load_encoder_weights(model, cfg.encoder_weights)
+    if cfg.init_from:
+        start_model, start_config = load_bundle(cfg.init_from)
+        if start_config["architecture"] != cfg.architecture:
+            raise ValueError(f"{cfg.init_from} holds a {start_config['architecture']} model, not {cfg.architecture}")
+        model.load_state_dict(start_model.state_dict())
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -241,6 +247,10 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     if cfg.encoder_weights:  # a file name and hash, not a path on the training machine
         training_record["encoder_weights"] = {"file": Path(cfg.encoder_weights).name,
                                               "sha256": sha256_file(cfg.encoder_weights)}
+    if cfg.init_from:
+        start = json.loads((Path(cfg.init_from) / "config.json").read_text())
+        training_record["init_from"] = {"bundle": Path(cfg.init_from).name, "weights_sha256": start["weights_sha256"],
+                                        "training": start.get("training")}
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs):
         if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
@@ -298,6 +308,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=SegTrainConfig.lr)
     p.add_argument("--seed", type=int, default=SegTrainConfig.seed)
     p.add_argument("--encoder-weights", default=None, help="local pretrained encoder weights file (smp models)")
+    p.add_argument("--init-from", default=None, help="start from this bundle's weights (a further training cycle)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--all-sources", action="store_true", help="also train on gbseg (heart-excluded masks)")
@@ -312,7 +323,7 @@ def main(argv=None) -> None:
     else:
         architecture = {"type": "fcdensenet", "preset": args.architecture}
     cfg = SegTrainConfig(architecture=architecture, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, amp=not args.no_amp, encoder_weights=args.encoder_weights)
+                         lr=args.lr, seed=args.seed, amp=not args.no_amp, encoder_weights=args.encoder_weights, init_from=args.init_from)
     if args.all_sources:
         cfg.train_sources = V7_SOURCES + ("gbseg",)
     result = train(args.data, args.out, cfg, device=args.device, progress=not args.no_progress,
