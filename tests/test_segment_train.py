@@ -26,8 +26,11 @@ def test_short_training_lowers_the_loss_and_exports_a_bundle(lungseg_dir, tmp_pa
     # A further cycle starts from the bundle: its first epoch is better than the first one from scratch.
     cfg = tiny_config(1)
     cfg.init_from = str(tmp_path / "bundle")
+    cfg.split_file = str(tmp_path / "split.csv")
+    cfg.seed = 1  # a new augmentation draw, the same patients
     again = train(lungseg_dir, tmp_path / "cycle2", cfg, device="cpu", progress=False, limit=24)
     assert again["history"][0]["train_loss"] < losses[0]
+    assert (tmp_path / "cycle2" / "split.csv").read_text() == (tmp_path / "split.csv").read_text()
     assert json.loads((tmp_path / "cycle2" / "bundle" / "config.json").read_text())["training"]["init_from"]
 
 

@@ -60,6 +60,7 @@ class SegTrainConfig:
     channels_last: bool = True
     encoder_weights: str | None = None  # local file of pretrained encoder weights (smp models)
     init_from: str | None = None  # bundle folder whose weights start this run (a further training cycle)
+    split_file: str | None = None  # an existing patient split (patient_id,split CSV) instead of drawing one
 
 
 @dataclass
@@ -204,6 +205,9 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     split_path = out_dir / "split.csv"
     if split_path.exists():
         split = read_split(split_path)
+    elif cfg.split_file:
+        split = read_split(cfg.split_file)
+        write_split(split, split_path)
     else:
         split = split_patients(rows, cfg.split_fractions, seed=cfg.seed)
         write_split(split, split_path)
@@ -309,6 +313,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=SegTrainConfig.seed)
     p.add_argument("--encoder-weights", default=None, help="local pretrained encoder weights file (smp models)")
     p.add_argument("--init-from", default=None, help="start from this bundle's weights (a further training cycle)")
+    p.add_argument("--split", default=None, help="use this patient_id,split CSV (e.g. a bundle's split.csv) "
+                   "instead of drawing a split from --seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--all-sources", action="store_true", help="also train on gbseg (heart-excluded masks)")
@@ -323,7 +329,8 @@ def main(argv=None) -> None:
     else:
         architecture = {"type": "fcdensenet", "preset": args.architecture}
     cfg = SegTrainConfig(architecture=architecture, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, amp=not args.no_amp, encoder_weights=args.encoder_weights, init_from=args.init_from)
+                         lr=args.lr, seed=args.seed, amp=not args.no_amp, encoder_weights=args.encoder_weights, init_from=args.init_from,
+                         split_file=args.split)
     if args.all_sources:
         cfg.train_sources = V7_SOURCES + ("gbseg",)
     result = train(args.data, args.out, cfg, device=args.device, progress=not args.no_progress,
