@@ -12,13 +12,13 @@ Jaccard and Dice. ``overall`` covers the sources of the convention the model lea
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _report import emit  # benchmarks/ is first on sys.path when a script runs
 from patchflannel.cv import read_split
 from patchflannel.data import read_manifest
 from patchflannel.io import load_image, load_mask
@@ -63,11 +63,7 @@ def main(argv=None) -> dict:
         "per_source": {src: summarise(v) for src, v in sorted(by_source.items())},
         "seconds": round(seconds, 1),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

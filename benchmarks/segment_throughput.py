@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import resource
 import shutil
 import statistics
@@ -25,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import emit  # benchmarks/ is first on sys.path when a script runs
 from patchflannel.data import read_manifest
 from patchflannel.io import load_image
 from patchflannel.segment import Segmenter
@@ -106,11 +106,7 @@ def main(argv=None) -> dict:
         report["peak_rss_mib"] = {str(args.n): round(small, 1), str(4 * args.n): round(large, 1),
                                   "ratio": round(large / small, 3)}
     shutil.rmtree(tmp)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -79,13 +79,22 @@ class Letterbox:
         ch, cw = self.content_shape
         return (self.size - ch) // 2, (self.size - cw) // 2
 
+    @property
+    def content_box(self) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)`` of the image inside the square."""
+        (y, x), (ch, cw) = self.offset, self.content_shape
+        return y, x, y + ch, x + cw
+
+    def place(self, content: np.ndarray) -> np.ndarray:
+        """Zero-pad an array of ``content_shape`` into the square."""
+        out = np.zeros((self.size, self.size), dtype=content.dtype)
+        y0, x0, y1, x1 = self.content_box
+        out[y0:y1, x0:x1] = content
+        return out
+
     def apply(self, image: np.ndarray, *, interpolation: int | None = None) -> np.ndarray:
         """Resize ``image`` (of ``source_shape``) into the zero-padded square."""
-        out = np.zeros((self.size, self.size), dtype=image.dtype)
-        ch, cw = self.content_shape
-        y, x = self.offset
-        out[y : y + ch, x : x + cw] = resize(image, (ch, cw), interpolation=interpolation)
-        return out
+        return self.place(resize(image, self.content_shape, interpolation=interpolation))
 
 
 @dataclass(frozen=True)

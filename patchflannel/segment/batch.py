@@ -139,13 +139,12 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
         result = segmenter.finish(image, probability, original_mask=False, working=True)
         rec = {"input": item.name, "path": str(item.path), "orig_shape": list(image.shape),
                "lung_fraction": round(result.lung_fraction, 4)}
-        box = result.letterbox
-        (y0, x0), (ch, cw) = box.offset, box.content_shape
         if not result.ok:
             return {**rec, "status": "rejected", "reason": result.rejection, "output": None}
         out = output_path(out_dir, item.name)
         write_masked_npz(out, working_image=result.working_image, working_mask=result.working_mask,
-                         orig_shape=image.shape, content_box=(y0, x0, y0 + ch, x0 + cw), scale=box.scale,
+                         orig_shape=image.shape, content_box=result.letterbox.content_box,
+                         scale=result.letterbox.scale,
                          segmenter=segmenter.id, preprocess=preprocess, source=str(item.path),
                          keep_unmasked=keep_unmasked)
         return {**rec, "status": "ok", "output": out.relative_to(out_dir.resolve()).as_posix()}

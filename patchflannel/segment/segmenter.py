@@ -153,9 +153,7 @@ class Segmenter:
             working_image = box.apply(np.round(image * 255).astype(np.uint8))
             content = postprocess_mask(resize(probability, box.content_shape, interpolation=cv2.INTER_LINEAR),
                                        self.threshold)
-            working_mask = np.zeros((self.working_size, self.working_size), dtype=bool)
-            (y, x), (ch, cw) = box.offset, box.content_shape
-            working_mask[y : y + ch, x : x + cw] = content
+            working_mask = box.place(content)
         checked = mask if mask is not None else content if content is not None else postprocess_mask(probability, self.threshold)
         return Segmentation(probability, mask, working_image, working_mask, box, self.lung_check.reason(checked),
                             float(checked.mean()))

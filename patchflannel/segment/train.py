@@ -34,6 +34,7 @@ from ..preprocess import SegmenterPreprocess, resize
 from ..training import autocast, load_checkpoint, resolve_device, save_checkpoint, seed_everything
 from .bundle import load_bundle, save_bundle, sha256_file
 from .model import build_segmentation_model
+from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -168,25 +169,13 @@ def jaccard_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(inter / (total - inter)), float(2 * inter / total)
 
 
-@torch.inference_mode()
-def predict_logits(model, images: torch.Tensor, preprocess: SegmenterPreprocess, device, amp, channels_last, batch_size=16):
-    """Network logits for intensity images (N, 1, S, S); returns float32 on CPU."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = ((images[i : i + batch_size] - preprocess.mean) / preprocess.std).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            out.append(model(x).float().cpu())
-    return torch.cat(out)
-
-
-def validation_jaccard(model, samples: SegSamples, preprocess, device, amp, channels_last) -> float:
-    """Mean per-image Jaccard at the network size (threshold 0.5, no post-processing)."""
-    logits = predict_logits(model, samples.images, preprocess, device, amp, channels_last)
-    pred = (logits > 0).numpy()
-    truth = (samples.masks > 0.5).numpy()
+def validation_jaccard(model, samples: SegSamples, preprocess: SegmenterPreprocess, device, amp, channels_last) -> float:
+    """Mean per-image Jaccard at the network size (threshold 0.5, no post-processing), through
+    the same batched inference as :class:`Segmenter`."""
+    segmenter = Segmenter(model, {"preprocess": preprocess.to_dict()}, device=device, amp=amp,
+                          channels_last=channels_last)
+    pred = segmenter.probabilities(preprocess.normalize(samples.images[:, 0].numpy())) > segmenter.threshold
+    truth = (samples.masks[:, 0] > 0.5).numpy()
     return float(np.mean([jaccard_dice(p, t)[0] for p, t in zip(pred, truth)]))
 
 
