@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from patchflannel import WeightsError
 from patchflannel.segment import PRESETS, build_segmentation_model, create_fcdensenet
 
 
@@ -58,7 +59,7 @@ def test_smp_encoder_weights_from_local_file(tmp_path):
     torch.testing.assert_close(model.encoder.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
     torch.testing.assert_close(model.encoder.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="no tensor matches"):
+    with pytest.raises(WeightsError, match="no tensor matches"):
         load_encoder_weights(model, tmp_path / "bad.pt")
 
 

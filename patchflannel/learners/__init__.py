@@ -1,0 +1,5 @@
+"""Stage 2: patch-based base learners (backbone registry, batched patch inference, training)."""
+from .engine import PatchEngine, PatchPredictions, vote
+from .registry import CLASSES, PRESETS, Normalization, create_learner
+
+__all__ = ["CLASSES", "PRESETS", "Normalization", "PatchEngine", "PatchPredictions", "create_learner", "vote"]

@@ -1,0 +1,67 @@
+"""Masked CXRs with labels for patch training and evaluation, held in memory.
+
+Rows come from Stage 1 HDF5 packs (``python -m patchflannel.segment MANIFEST --h5 PACK``),
+whose manifest columns carry ``label``, ``patient_id`` and ``source``. Labels outside
+:data:`CLASSES` (e.g. ``adult/``'s ``other_pneumonia``) are kept as rows with class index
+-1: never trained on, available for external checks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..store import H5MaskedDataset
+from .registry import CLASSES
+
+
+@dataclass
+class MaskedSet:
+    """Images ``(N, H, W)`` uint8, masks ``(N, H, W)`` bool, and per-image metadata."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: np.ndarray  # class index, -1 for labels outside CLASSES
+    rows: list[dict]  # label, patient_id, source, pack, index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices: Sequence[int]) -> "MaskedSet":
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return MaskedSet(self.images[idx], self.masks[idx], self.labels[np.asarray(indices, dtype=np.int64)],
+                         [self.rows[i] for i in indices])
+
+
+def read_rows(packs: Sequence[str | os.PathLike]) -> list[dict]:
+    """Metadata rows of every image in the packs (no pixels read)."""
+    rows = []
+    for pack in packs:
+        ds = H5MaskedDataset(pack)
+        for column in ("label", "patient_id", "source"):
+            if column not in ds.columns:
+                raise ValueError(f"{pack} has no {column!r} column; pack a manifest with label, patient_id "
+                                 f"and source columns (python -m patchflannel.segment MANIFEST --h5 ...)")
+        for i in range(len(ds)):
+            rows.append({**{k: v[i] for k, v in ds.columns.items()}, "pack": str(pack), "index": i})
+    return rows
+
+
+def load_masked_set(rows: Sequence[dict], classes: Sequence[str] = CLASSES, progress: bool = True) -> MaskedSet:
+    """Read the pixels of ``rows`` (from :func:`read_rows`) into memory."""
+    handles: dict[str, H5MaskedDataset] = {}
+    images, masks = [], []
+    for row in tqdm(rows, desc="reading", disable=not progress, leave=False):
+        ds = handles.setdefault(row["pack"], H5MaskedDataset(row["pack"]))
+        item = ds[row["index"]]
+        images.append(torch.from_numpy(item["masked_image"]))
+        masks.append(torch.from_numpy(item["mask"]))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([index.get(r["label"], -1) for r in rows], dtype=np.int64)
+    if not rows:
+        raise ValueError("no images selected")
+    return MaskedSet(torch.stack(images), torch.stack(masks), labels, list(rows))

@@ -1,0 +1,162 @@
+"""Batched patch inference: N images x K lung patches x L learners in one call.
+
+Patches are sampled and cut once per batch of images, on the device where the images
+are, shared by every learner, and forwarded in large batches under
+``torch.inference_mode()`` with channels_last and autocast. Per learner and image the
+engine returns the mean softmax over the K patches (what the ensemble consumes) and the
+majority vote with its vote fractions (the published method's confidence score).
+
+Example:
+    >>> engine = PatchEngine({"resnet18": create_learner("resnet18")}, k=8)   # doctest: +SKIP
+    >>> out = engine.predict(images, masks)                                    # doctest: +SKIP
+    >>> out.probs.shape      # (N, L, C)                                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..patches import EmptyMaskError, extract_patches, image_seed, sample_centres
+from ..training import autocast, resolve_device
+from .registry import CLASSES, Normalization
+
+
+@dataclass
+class PatchPredictions:
+    """Outputs for N images, L learners, C classes (rows of rejected images are NaN / -1).
+
+    Attributes:
+        learners: learner names, in the order of axis 1.
+        probs: ``(N, L, C)`` mean softmax over the K patches.
+        votes: ``(N, L, C)`` fraction of patches whose argmax is each class.
+        labels: ``(N, L)`` majority-vote class index (ties go to the higher mean probability).
+        centres: ``(N, K, 2)`` patch centres (row, col) on the working grid.
+        rejected: per image ``None`` or the reason it was not classified.
+        patch_probs: ``(N, L, K, C)`` per-patch softmax when requested, else ``None``.
+    """
+
+    learners: list[str]
+    probs: torch.Tensor
+    votes: torch.Tensor
+    labels: torch.Tensor
+    centres: torch.Tensor
+    rejected: list[str | None]
+    patch_probs: torch.Tensor | None = None
+    classes: tuple[str, ...] = field(default=CLASSES)
+
+
+def vote(patch_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(..., K, C)`` patch softmax -> mean softmax ``(..., C)``, vote fractions ``(..., C)`` and
+    the majority label ``(...)``; ties between equally voted classes go to the higher mean probability."""
+    mean = patch_probs.mean(-2)
+    counts = torch.nn.functional.one_hot(patch_probs.argmax(-1), patch_probs.shape[-1]).sum(-2)
+    votes = counts.float() / patch_probs.shape[-2]
+    labels = (counts.float() + 0.5 * mean).argmax(-1)  # mean < 1, so it only breaks ties
+    return mean, votes, labels
+
+
+class PatchEngine:
+    """Batched inference for a set of patch learners.
+
+    Args:
+        learners: ``{name: module}`` (or a sequence of modules, named by position).
+        k: patches per image.
+        patch_size: patch side in working-grid pixels.
+        normalization: grey-level normalisation the learners were trained with.
+        device: ``"auto"`` (cuda when present), ``"cpu"``, ``"cuda"``...
+        amp: bf16 autocast on CPU, bf16/fp16 on GPU.
+        batch_size: patches per forward pass (all learners use the same patches).
+        channels_last: memory format for the forward passes.
+        compile: wrap each learner in ``torch.compile``.
+        seed: base seed; each image's centres come from a generator seeded by its content
+            and this seed, so the same image gives the same patches anywhere in any batch.
+        min_lung_pixels: masks with fewer lung pixels are rejected, not sampled.
+    """
+
+    def __init__(self, learners: Mapping[str, nn.Module] | Sequence[nn.Module], *, k: int = 100,
+                 patch_size: int = 224, normalization: Normalization = Normalization(), device="auto",
+                 amp: bool = True, batch_size: int = 128, channels_last: bool = True, compile: bool = False,
+                 seed: int = 0, min_lung_pixels: int = 1000):
+        if not isinstance(learners, Mapping):
+            learners = {f"learner{i}": m for i, m in enumerate(learners)}
+        self.device = resolve_device(device)
+        self.names = list(learners)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.models = [m.eval().to(self.device, memory_format=memory_format) for m in learners.values()]
+        if compile:
+            self.models = [torch.compile(m) for m in self.models]
+        self.k, self.patch_size, self.normalization = k, patch_size, normalization
+        self.amp, self.batch_size, self.memory_format = amp, batch_size, memory_format
+        self.seed, self.min_lung_pixels = seed, min_lung_pixels
+
+    def sample(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
+        """Centres ``(N, K, 2)`` for each image (zeros for rejected ones) and the rejections."""
+        centres = torch.zeros(len(images), self.k, 2, dtype=torch.long, device=masks.device)
+        rejected: list[str | None] = []
+        for i in range(len(images)):
+            generator = torch.Generator().manual_seed(image_seed(images[i], self.seed))
+            try:
+                centres[i] = sample_centres(masks[i], self.k, generator=generator, min_pixels=self.min_lung_pixels)
+                rejected.append(None)
+            except EmptyMaskError as exc:
+                rejected.append(f"empty or implausibly small lung mask: {exc}")
+        return centres, rejected
+
+    def _as_batch(self, x) -> torch.Tensor:
+        if isinstance(x, (list, tuple)):
+            x = torch.stack([torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a for a in x])
+        x = torch.as_tensor(x)
+        return x.to(self.device)
+
+    @torch.inference_mode()
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(L, M, C)`` of every learner for ``M`` uint8/float patches ``(M, 1, P, P)``."""
+        outputs = []
+        for model in self.models:
+            chunks = []
+            for start in range(0, len(patches), self.batch_size):
+                x = self.normalize(patches[start:start + self.batch_size]).contiguous(memory_format=self.memory_format)
+                with autocast(self.device, self.amp):
+                    chunks.append(model(x).float().softmax(-1))
+            outputs.append(torch.cat(chunks))
+        return torch.stack(outputs)
+
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        scale = 255.0 if patches.dtype == torch.uint8 else 1.0
+        return (patches.float() / scale - self.normalization.mean) / self.normalization.std
+
+    @torch.inference_mode()
+    def predict(self, images, masks, *, return_patch_probs: bool = False) -> PatchPredictions:
+        """Classify N images from K lung patches each, with every learner.
+
+        Args:
+            images: ``(N, H, W)`` uint8 (0-255) or float (0-1) masked working-size images, as a
+                tensor, array or list of arrays (e.g. ``masked_image`` of the Stage 1 store).
+            masks: ``(N, H, W)`` bool lung masks on the same grid.
+            return_patch_probs: also return every patch's softmax.
+        """
+        images, masks = self._as_batch(images), self._as_batch(masks).bool()
+        if images.ndim != 3 or masks.shape != images.shape:
+            raise ValueError(f"images and masks must both be (N, H, W); got {tuple(images.shape)} and {tuple(masks.shape)}")
+        n, num_learners, c = len(images), len(self.models), None
+        centres, rejected = self.sample(images, masks)
+        keep = [i for i, r in enumerate(rejected) if r is None]
+        patch_probs = None
+        if keep:
+            patches = extract_patches(images[keep, None], centres[keep], self.patch_size)
+            probs = self.forward_patches(patches)  # (L, len(keep) * K, C)
+            c = probs.shape[-1]
+            patch_probs = probs.reshape(num_learners, len(keep), self.k, c).transpose(0, 1).cpu()
+        c = c or len(CLASSES)
+        full = torch.full((n, num_learners, self.k, c), float("nan"))
+        if keep:
+            full[keep] = patch_probs
+        mean, votes, labels = vote(full)
+        dropped = [i for i, r in enumerate(rejected) if r is not None]
+        labels[dropped], votes[dropped] = -1, float("nan")
+        return PatchPredictions(self.names, mean, votes, labels, centres.cpu(), rejected,
+                                full if return_patch_probs else None)

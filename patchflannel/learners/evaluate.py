@@ -1,0 +1,122 @@
+"""Evaluate a set of patch learners on held-out patients, per class and per ``source``.
+
+    python -m patchflannel.learners.evaluate --learners weights/learners-lite \
+        --packs runs/masked/cxr4.h5 runs/masked/adult.h5 --split weights/learners-lite/split.csv --k 32
+
+All learners see the same K seeded patches of each film (one :class:`PatchEngine` call).
+Reported per learner (and for the plain mean of the learners' probabilities, a reference
+point, not the FLANNEL ensemble): image-level macro-F1, accuracy, per-class F1, COVID
+sensitivity/specificity, the same split by ``source``, and two shortcut checks: the
+fraction of held-out adult normal films called covid, and of adult ``other_pneumonia``
+films (never trained on; patients outside the training split) called covid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..cv import read_split
+from ..metrics import classification_report, fraction_predicted
+from .bundle import load_learner_set
+from .data import load_masked_set, read_rows
+from .engine import PatchEngine
+from .registry import CLASSES, Normalization
+
+log = logging.getLogger(__name__)
+
+MEAN_OF_LEARNERS = "mean of learners"
+
+
+def predict_probs(engine: PatchEngine, rows: list[dict], chunk: int = 32, progress: bool = True) -> torch.Tensor:
+    """``(N, L, C)`` mean softmax for ``rows`` (read from their packs a chunk at a time)."""
+    out = []
+    for start in tqdm(range(0, len(rows), chunk), desc="predicting", disable=not progress, leave=False):
+        data = load_masked_set(rows[start:start + chunk], progress=False)
+        result = engine.predict(data.images, data.masks)
+        if any(result.rejected):
+            log.warning("%d films rejected: %s", sum(r is not None for r in result.rejected),
+                        [r for r in result.rejected if r][:3])
+        out.append(result.probs)
+    return torch.cat(out)
+
+
+def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int = 0, device="auto",
+                      batch_size: int = 128, progress: bool = True) -> dict:
+    learners, shared = load_learner_set(learner_dir)
+    engine = PatchEngine(learners, k=k, patch_size=shared["patch_size"],
+                         normalization=Normalization(**shared["normalization"]), device=device,
+                         batch_size=batch_size, seed=seed)
+    rows = read_rows(packs)
+    split = read_split(split_file)
+    test = [r for r in rows if split.get(r["patient_id"]) == "test" and r["label"] in CLASSES]
+    external = [r for r in rows if r["label"] not in CLASSES and split.get(r["patient_id"]) != "train"]
+    probs = predict_probs(engine, test + external, progress=progress)
+    probs = torch.cat([probs, probs.mean(1, keepdim=True)], 1)  # + the plain mean of the learners
+    names = list(learners) + [MEAN_OF_LEARNERS]
+    pred = probs.argmax(-1).numpy()  # (N, L + 1)
+    truth = np.asarray([CLASSES.index(r["label"]) for r in test])
+    n_test = len(test)
+    sources = sorted({r["source"] for r in test})
+    adult_normal = [i for i, r in enumerate(test) if r["label"] == "normal" and r["source"] == "nih"]
+    report = {"k": k, "seed": seed, "n_test": n_test, "n_external": len(external),
+              "test_counts": {f"{s}:{c}": sum(r["source"] == s and r["label"] == c for r in test)
+                              for s in sources for c in CLASSES},
+              "learners": {}}
+    for j, name in enumerate(names):
+        p = pred[:n_test, j]
+        entry = classification_report(truth, p)
+        entry["by_source"] = {}
+        for s in sources:
+            idx = [i for i, r in enumerate(test) if r["source"] == s]
+            entry["by_source"][s] = classification_report(truth[idx], p[idx])
+        entry["adult_normal_called"] = fraction_predicted(p[adult_normal]) if adult_normal else None
+        entry["external_other_pneumonia_called"] = fraction_predicted(pred[n_test:, j]) if external else None
+        report["learners"][name] = entry
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    """Rows = learners, columns = per-class F1, macro-F1, per-source macro-F1 and shortcut checks."""
+    sources = sorted(next(iter(report["learners"].values()))["by_source"])
+    head = (["learner"] + [f"F1 {c}" for c in CLASSES] + ["macro-F1", "accuracy"]
+            + [f"macro-F1 {s}" for s in sources] + ["adult normal -> covid", "other_pneumonia -> covid"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in report["learners"].items():
+        cells = [name] + [f"{e['per_class'][c]['f1']:.3f}" for c in CLASSES] + [f"{e['macro_f1']:.3f}", f"{e['accuracy']:.3f}"]
+        cells += [f"{e['by_source'][s]['macro_f1_present']:.3f}" for s in sources]
+        for key in ("adult_normal_called", "external_other_pneumonia_called"):
+            cells.append(f"{e[key]['covid']:.1%}" if e[key] else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m patchflannel.learners.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--learners", type=Path, required=True, help="folder of learner bundles")
+    p.add_argument("--packs", nargs="+", required=True)
+    p.add_argument("--split", type=Path, required=True, help="patient_id,split CSV the learners were trained with")
+    p.add_argument("--k", type=int, default=32, help="patches per film")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here (and a .md table beside it)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    report = evaluate_learners(args.learners, args.packs, args.split, k=args.k, seed=args.seed, device=args.device,
+                               progress=not args.no_progress)
+    table = markdown_table(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

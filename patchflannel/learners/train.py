@@ -1,0 +1,273 @@
+"""Train one patch learner on masked CXRs and write a learner bundle.
+
+    python -m patchflannel.learners.train --packs runs/masked/cxr4.h5 runs/masked/adult.h5 \
+        --learner efficientnet_lite0 --weights imagenet --out runs/learners/efficientnet_lite0
+
+Each step draws images with class balancing (a weighted sampler by default), cuts
+``--patches-per-image`` random lung-centred patches from each, augments them (small
+rotation and zoom, intensity jitter inside the lung; no flips: lungs are not
+mirror-symmetric) and takes an AdamW step on a one-cycle schedule. After every epoch
+the image-level macro-F1 on the validation patients (mean softmax over ``--val-k``
+seeded patches, through :class:`PatchEngine`) selects the best model, which is exported
+as a bundle (``bundle/``); training stops early after ``--patience`` epochs without
+improvement. The full training state is checkpointed every epoch; re-running the same
+command resumes exactly.
+
+Patients are split train/val/test by ``patient_id`` only (stratified by source and
+label; ``split.csv``), or ``--split`` reuses a split. Labels outside the four classes
+(``other_pneumonia``) never enter training or model selection.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..cv import read_split, split_patients, write_split
+from ..metrics import classification_report
+from ..patches import extract_patches, sample_centres
+from ..training import autocast, load_checkpoint, resolve_device, save_checkpoint
+from .bundle import save_learner
+from .data import MaskedSet, load_masked_set, read_rows
+from .engine import PatchEngine
+from .registry import CLASSES, Normalization, create_learner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnerTrainConfig:
+    """Everything that defines a patch-learner training run (saved in the checkpoint and bundle)."""
+
+    learner: str = "efficientnet_lite0"
+    weights: str | None = None  # None, "imagenet" (installed package) or a local file
+    freeze_fraction: float = 0.0  # first fraction of parameter tensors kept frozen (pretrained starts only)
+    patch_size: int = 224
+    epochs: int = 10
+    batch_size: int = 32  # patches per step
+    patches_per_image: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    balance: str = "sampler"  # "sampler" (weighted sampling), "loss" (class weights) or "none"
+    patience: int = 4
+    val_k: int = 16
+    min_lung_pixels: int = 1000
+    max_rotation: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    amp: bool = True
+    channels_last: bool = True
+    split_fractions: dict = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
+    split_file: str | None = None
+    normalization: Normalization = field(default_factory=Normalization)
+
+
+def make_split(rows: list[dict], cfg: LearnerTrainConfig) -> dict[str, str]:
+    """``{patient_id: split}``: ``cfg.split_file`` if given, else seeded, stratified by source and label."""
+    if cfg.split_file:
+        split = read_split(cfg.split_file)
+        missing = {r["patient_id"] for r in rows} - set(split)
+        if missing:
+            raise ValueError(f"{cfg.split_file} lacks {len(missing)} patients, e.g. {sorted(missing)[:3]}")
+        return split
+    strata = [{"patient_id": r["patient_id"], "stratum": f"{r['source']}:{r['label']}"} for r in rows]
+    return split_patients(strata, cfg.split_fractions, seed=cfg.seed, stratify_by="stratum")
+
+
+def augment_patches(patches: torch.Tensor, cfg: LearnerTrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation and zoom (one affine warp, zero fill) and gamma/contrast/brightness jitter
+    applied inside the lung only (the zero background stays zero). ``patches`` in [0, 1]."""
+    n = patches.shape[0]
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
+    angle = torch.deg2rad(u(-cfg.max_rotation, cfg.max_rotation))
+    scale = u(*cfg.scale_range)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    zeros = torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    grid = F.affine_grid(theta, patches.shape, align_corners=False)
+    patches = F.grid_sample(patches, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    lung = patches > 0
+    gamma = torch.exp(u(-0.25, 0.25))[:, None, None, None]
+    contrast = u(0.9, 1.1)[:, None, None, None]
+    brightness = u(-0.05, 0.05)[:, None, None, None]
+    jittered = (patches.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
+    return torch.where(lung, jittered, torch.zeros_like(jittered))
+
+
+def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, generator: torch.Generator,
+                 min_lung_pixels: int) -> torch.Tensor:
+    """``k`` random lung patches of each image in ``indices``: ``(len * k, 1, size, size)`` float in [0, 1]."""
+    centres = torch.stack([sample_centres(data.masks[i], k, generator=generator, min_pixels=min_lung_pixels)
+                           for i in indices.tolist()])
+    return extract_patches(data.images[indices][:, None], centres, size).float() / 255.0
+
+
+def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, device, k: int) -> dict:
+    """Image-level report (mean softmax over ``k`` seeded patches) on the images with a class label."""
+    engine = PatchEngine({cfg.learner: model}, k=k, patch_size=cfg.patch_size, normalization=cfg.normalization,
+                         device=device, amp=True, channels_last=cfg.channels_last, seed=cfg.seed,
+                         min_lung_pixels=cfg.min_lung_pixels)
+    probs = []
+    for start in range(0, len(data), 16):
+        out = engine.predict(data.images[start:start + 16], data.masks[start:start + 16])
+        probs.append(out.probs[:, 0])
+    pred = torch.cat(probs).argmax(-1).numpy()
+    return classification_report(data.labels, pred)
+
+
+def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig, *, device="auto",
+          progress: bool = True, limit: int | None = None, max_epochs_this_run: int | None = None) -> dict:
+    """Train (or resume) one learner. Returns the history and the best validation macro-F1."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    rows = read_rows(packs)
+    split = make_split(rows, cfg)
+    write_split({r["patient_id"]: split[r["patient_id"]] for r in rows}, out_dir / "split.csv")
+    labelled = [i for i, r in enumerate(rows) if r["label"] in CLASSES]
+    train_idx = [i for i in labelled if split[rows[i]["patient_id"]] == "train"]
+    val_idx = [i for i in labelled if split[rows[i]["patient_id"]] == "val"]
+    if limit:
+        rng = np.random.default_rng(cfg.seed)
+        train_idx = sorted(rng.choice(train_idx, min(limit, len(train_idx)), replace=False).tolist())
+        val_idx = sorted(rng.choice(val_idx, min(max(limit // 4, 8), len(val_idx)), replace=False).tolist())
+    train_set = load_masked_set([rows[i] for i in train_idx], progress=progress)
+    val_set = load_masked_set([rows[i] for i in val_idx], progress=progress)
+    counts = np.bincount(train_set.labels, minlength=len(CLASSES)).astype(float)
+    log.info("train %d images %s, val %d images", len(train_set), counts.astype(int).tolist(), len(val_set))
+
+    torch.manual_seed(cfg.seed)
+    model = create_learner(cfg.learner, len(CLASSES), weights=cfg.weights)
+    params = list(model.parameters())
+    if cfg.weights and cfg.freeze_fraction > 0:
+        for p in params[: int(len(params) * cfg.freeze_fraction)]:
+            p.requires_grad_(False)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images_per_step = max(1, cfg.batch_size // cfg.patches_per_image)
+    steps_per_epoch = math.ceil(len(train_set) / images_per_step)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                    pct_start=0.2)
+    class_weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / len(CLASSES), dtype=torch.float32)
+    sample_weight = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.float64)
+    loss_weight = class_weight.to(device) if cfg.balance == "loss" else None
+
+    history, best, best_epoch, start_epoch, elapsed = [], -1.0, 0, 0, 0.0
+    ckpt_path = out_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, best_epoch = json.loads(state["history"]), state["best"], state["best_epoch"]
+        start_epoch = state["epoch"] + 1
+        elapsed = history[-1]["elapsed_s"] if history else 0.0
+        log.info("resumed after epoch %d (best val macro-F1 %.4f)", state["epoch"] + 1, best)
+    record = {k: v for k, v in asdict(cfg).items() if k != "split_file"}
+    record["packs"] = [Path(p).name for p in packs]
+
+    epochs_run = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch - best_epoch >= cfg.patience and best_epoch > 0:
+            log.info("early stop: no improvement since epoch %d", best_epoch)
+            break
+        if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
+            break
+        t0 = time.perf_counter()
+        # Seeded per epoch, so a resumed run draws exactly what an uninterrupted run would.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
+        if cfg.balance == "sampler":
+            order = torch.multinomial(sample_weight, len(train_set), replacement=True, generator=generator)
+        else:
+            order = torch.randperm(len(train_set), generator=generator)
+        model.train()
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for step in bar:
+            idx = order[step * images_per_step:(step + 1) * images_per_step]
+            x = draw_patches(train_set, idx, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
+            x = augment_patches(x, cfg, generator)
+            x = ((x - cfg.normalization.mean) / cfg.normalization.std).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.as_tensor(train_set.labels[idx.numpy()]).repeat_interleave(cfg.patches_per_image).to(device)
+            with autocast(device, cfg.amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=loss_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        report = evaluate(model, val_set, cfg, device, cfg.val_k)
+        elapsed += time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": report["macro_f1"],
+                        "val_accuracy": report["accuracy"],
+                        "val_f1": {c: v["f1"] for c, v in report["per_class"].items()},
+                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
+        log.info("epoch %d: loss %.4f, val macro-F1 %.4f, %.0f s", epoch + 1, np.mean(losses), report["macro_f1"], elapsed)
+        if report["macro_f1"] > best:
+            best, best_epoch = report["macro_f1"], epoch + 1
+            save_learner(out_dir / "bundle", model, name=cfg.learner, patch_size=cfg.patch_size,
+                         normalization=cfg.normalization,
+                         extra={"training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                                    "best_epoch": best_epoch, "history": json.dumps(history)})
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        epochs_run += 1
+    return {"history": history, "best_val_macro_f1": best, "best_epoch": best_epoch}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m patchflannel.learners.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = LearnerTrainConfig
+    p.add_argument("--packs", nargs="+", required=True, help="Stage 1 HDF5 packs with label/patient_id/source columns")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, split, history, bundle/")
+    p.add_argument("--learner", default=d.learner, help="backbone name (see patchflannel.learners.create_learner)")
+    p.add_argument("--weights", default=None, help="'imagenet' (installed weights package) or a local weights file")
+    p.add_argument("--freeze-fraction", type=float, default=d.freeze_fraction,
+                   help="keep this fraction of the (pretrained) parameter tensors, input side first, frozen")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
+    p.add_argument("--patches-per-image", type=int, default=d.patches_per_image)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--balance", choices=("sampler", "loss", "none"), default=d.balance)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--val-k", type=int, default=d.val_k, help="patches per validation image")
+    p.add_argument("--split", default=None, help="patient_id,split CSV to reuse instead of drawing one")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="train in float32 (faster than bf16 for depthwise "
+                   "convolutions on CPU)")
+    p.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
+    p.add_argument("--max-epochs-this-run", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = LearnerTrainConfig(learner=args.learner, weights=args.weights, freeze_fraction=args.freeze_fraction,
+                             epochs=args.epochs, batch_size=args.batch_size, patches_per_image=args.patches_per_image,
+                             lr=args.lr, seed=args.seed, balance=args.balance, patience=args.patience,
+                             val_k=args.val_k, amp=not args.no_amp, split_file=args.split)
+    result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,
+                   max_epochs_this_run=args.max_epochs_this_run)
+    print(json.dumps({"best_val_macro_f1": result["best_val_macro_f1"], "best_epoch": result["best_epoch"],
+                      "epochs": len(result["history"])}))
+
+
+if __name__ == "__main__":
+    main()

