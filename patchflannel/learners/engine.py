@@ -13,6 +13,7 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -23,6 +24,8 @@ from torch import nn
 from ..patches import EmptyMaskError, extract_patches, image_seed, sample_centres
 from ..training import autocast, resolve_device
 from .registry import CLASSES, Normalization
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,7 +72,8 @@ class PatchEngine:
         normalization: grey-level normalisation the learners were trained with.
         device: ``"auto"`` (cuda when present), ``"cpu"``, ``"cuda"``...
         amp: bf16 autocast on CPU, bf16/fp16 on GPU.
-        batch_size: patches per forward pass (all learners use the same patches).
+        batch_size: patches per forward pass (all learners use the same patches); halved
+            automatically when a GPU runs out of memory.
         channels_last: memory format for the forward passes.
         compile: wrap each learner in ``torch.compile``.
         seed: base seed; each image's centres come from a generator seeded by its content
@@ -114,16 +118,27 @@ class PatchEngine:
 
     @torch.inference_mode()
     def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """Softmax ``(L, M, C)`` of every learner for ``M`` uint8/float patches ``(M, 1, P, P)``."""
-        outputs = []
-        for model in self.models:
-            chunks = []
-            for start in range(0, len(patches), self.batch_size):
-                x = self.normalize(patches[start:start + self.batch_size]).contiguous(memory_format=self.memory_format)
-                with autocast(self.device, self.amp):
-                    chunks.append(model(x).float().softmax(-1))
-            outputs.append(torch.cat(chunks))
-        return torch.stack(outputs)
+        """Softmax ``(L, M, C)`` of every learner for ``M`` uint8/float patches ``(M, 1, P, P)``.
+
+        On a GPU that runs out of memory the batch size is halved and the pass retried.
+        """
+        while True:
+            try:
+                return torch.stack([self._forward_one(model, patches) for model in self.models])
+            except torch.OutOfMemoryError:
+                if self.device.type != "cuda" or self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size //= 2
+                log.warning("out of device memory: patch batch size lowered to %d", self.batch_size)
+
+    def _forward_one(self, model: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(patches), self.batch_size):
+            x = self.normalize(patches[start:start + self.batch_size]).contiguous(memory_format=self.memory_format)
+            with autocast(self.device, self.amp):
+                chunks.append(model(x).float().softmax(-1))
+        return torch.cat(chunks)
 
     def normalize(self, patches: torch.Tensor) -> torch.Tensor:
         scale = 255.0 if patches.dtype == torch.uint8 else 1.0

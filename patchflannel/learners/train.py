@@ -6,7 +6,7 @@
 Each step draws images with class balancing (a weighted sampler by default), cuts
 ``--patches-per-image`` random lung-centred patches from each, augments them (small
 rotation and zoom, intensity jitter inside the lung; no flips: lungs are not
-mirror-symmetric) and takes an AdamW step on a one-cycle schedule. After every epoch
+mirror-symmetric) and takes an AdamW (or SGD) step on a one-cycle schedule. After every epoch
 the image-level macro-F1 on the validation patients (mean softmax over ``--val-k``
 seeded patches, through :class:`PatchEngine`) selects the best model, which is exported
 as a bundle (``bundle/``); training stops early after ``--patience`` epochs without
@@ -55,6 +55,7 @@ class LearnerTrainConfig:
     epochs: int = 10
     batch_size: int = 32  # patches per step
     patches_per_image: int = 2
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9, Nesterov)
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
@@ -154,7 +155,13 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {cfg.optimizer!r}")
     images_per_step = max(1, cfg.batch_size // cfg.patches_per_image)
     steps_per_epoch = math.ceil(len(train_set) / images_per_step)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
@@ -245,7 +252,9 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
     p.add_argument("--patches-per-image", type=int, default=d.patches_per_image)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=d.optimizer)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--balance", choices=("sampler", "loss", "none"), default=d.balance)
     p.add_argument("--patience", type=int, default=d.patience)
@@ -261,7 +270,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = LearnerTrainConfig(learner=args.learner, weights=args.weights, freeze_fraction=args.freeze_fraction,
                              epochs=args.epochs, batch_size=args.batch_size, patches_per_image=args.patches_per_image,
-                             lr=args.lr, seed=args.seed, balance=args.balance, patience=args.patience,
+                             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, balance=args.balance, patience=args.patience,
                              val_k=args.val_k, amp=not args.no_amp, split_file=args.split)
     result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,
                    max_epochs_this_run=args.max_epochs_this_run)
