@@ -1,0 +1,93 @@
+"""The FLANNEL neural weight module and multiclass focal loss.
+
+The weight module combines L base learners' C-class probabilities: with ``f`` the
+concatenation of the L probability vectors (L*C values), ``w = tanh(Linear(vec(f f^T)))``
+gives one weight per learner and the prediction is ``softmax(sum_i w_i p_i)``. The outer
+product lets a learner's weight depend on how all learners' beliefs co-occur.
+
+Example:
+    >>> module = FlannelWeightModule(num_learners=5, num_classes=4)
+    >>> probs = torch.softmax(torch.randn(8, 5, 4), -1)     # (batch, learners, classes)
+    >>> logits = module(probs)                               # softmax(logits) is the prediction
+    >>> loss = FocalLoss(alpha=class_alpha(torch.tensor([0, 1, 2, 3, 3])), gamma=2.0)(logits, torch.zeros(8, dtype=torch.long))
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FlannelWeightModule(nn.Module):
+    """``(B, L, C)`` learner probabilities -> ``(B, C)`` logits of the combined prediction.
+
+    Args:
+        num_learners: L.
+        num_classes: C.
+        hidden: ``None`` for the published module (one linear layer on ``vec(f f^T)``); an int
+            adds a hidden ReLU layer of that width (a documented variant, not the paper's).
+    """
+
+    def __init__(self, num_learners: int = 5, num_classes: int = 4, hidden: int | None = None):
+        super().__init__()
+        self.num_learners, self.num_classes = num_learners, num_classes
+        d = (num_learners * num_classes) ** 2
+        if hidden is None:
+            self.weights = nn.Linear(d, num_learners)
+        else:
+            self.weights = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_learners))
+
+    def learner_weights(self, probs: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` weights in [-1, 1] for ``(B, L, C)`` probabilities."""
+        if probs.shape[1:] != (self.num_learners, self.num_classes):
+            raise ValueError(f"expected (B, {self.num_learners}, {self.num_classes}) probabilities, "
+                             f"got {tuple(probs.shape)}")
+        f = probs.flatten(1)
+        outer = torch.einsum("bi,bj->bij", f, f).flatten(1)  # vec(f f^T)
+        return torch.tanh(self.weights(outer))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        """Logits ``sum_i w_i p_i``; the prediction is their softmax."""
+        return torch.einsum("bl,blc->bc", self.learner_weights(probs), probs)
+
+
+def class_alpha(labels: torch.Tensor, num_classes: int = 4) -> torch.Tensor:
+    """Focal-loss alpha proportional to 1 / class count in ``labels``, normalised to sum to C
+    (a class absent from ``labels`` gets the weight of a class seen once)."""
+    counts = torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).float().clamp(min=1)
+    inverse = 1.0 / counts
+    return inverse * num_classes / inverse.sum()
+
+
+class FocalLoss(nn.Module):
+    """Multiclass softmax focal loss: ``sum_c -alpha_c y_c (1 - p_c)^gamma log p_c`` per sample.
+
+    With ``gamma=0`` and ``alpha=None`` (all ones) it is exactly cross-entropy. The default
+    ``gamma=2`` is the value of Lin et al. (2017); FLANNEL used 10 with a summed loss, which
+    shrinks the loss of any sample predicted with p > 0.5 by > 1000x and leaves a few hundred
+    stacking samples almost no gradient, so it is available but not the default.
+
+    Args:
+        alpha: per-class weights ``(C,)`` (e.g. :func:`class_alpha` of the training fold) or None.
+        gamma: focusing parameter >= 0.
+        reduction: ``"mean"`` over samples, ``"sum"``, or ``"none"``.
+    """
+
+    def __init__(self, alpha: torch.Tensor | None = None, gamma: float = 2.0, reduction: str = "mean"):
+        super().__init__()
+        if gamma < 0:
+            raise ValueError("gamma must be >= 0")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
+        self.register_buffer("alpha", None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32))
+        self.gamma, self.reduction = gamma, reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits`` ``(B, C)``, ``target`` ``(B,)`` class indices."""
+        log_p = F.log_softmax(logits.float(), -1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - log_p.exp()) ** self.gamma) * log_p
+        if self.alpha is not None:
+            loss = loss * self.alpha.to(loss.device)[target]
+        if self.reduction == "mean":
+            return loss.mean()
+        return loss.sum() if self.reduction == "sum" else loss
