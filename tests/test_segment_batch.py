@@ -167,3 +167,23 @@ def test_sigkill_and_restart_gives_one_valid_output_per_input(input_folder, tmp_
     for r in ok:
         read_masked_npz(out / r["output"])  # every file is complete and loads
     assert not [p for p in out.rglob(".*") if p.is_file()]
+
+
+def test_fast_savez_is_a_standard_deflated_npz(tmp_path):
+    import zipfile
+
+    import numpy as np
+
+    from patchflannel.store import savez_compressed
+
+    image = np.zeros((256, 256), np.uint8)
+    image[60:200, 40:120] = np.arange(140 * 80, dtype=np.uint32).reshape(140, 80) % 251
+    with open(tmp_path / "a.npz", "wb") as f:
+        savez_compressed(f, masked_image=image, mask=image > 0)
+    with zipfile.ZipFile(tmp_path / "a.npz") as zf:
+        assert zf.testzip() is None  # CRCs check out
+        assert all(info.compress_type == zipfile.ZIP_DEFLATED and info.compress_size < info.file_size
+                   for info in zf.infolist())
+    with np.load(tmp_path / "a.npz") as z:
+        np.testing.assert_array_equal(z["masked_image"], image)
+        np.testing.assert_array_equal(z["mask"], image > 0)
