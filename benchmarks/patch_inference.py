@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import emit  # benchmarks/ is first on sys.path when a script runs
 from PIL import Image
 
-from _report import emit  # benchmarks/ is first on sys.path when a script runs
 from patchflannel.data import read_manifest
 from patchflannel.io import load_image
 from patchflannel.learners import PRESETS, PatchEngine, create_learner

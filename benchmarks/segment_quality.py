@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _report import emit  # benchmarks/ is first on sys.path when a script runs
+
 from patchflannel.cv import read_split
 from patchflannel.data import read_manifest
 from patchflannel.io import load_image, load_mask

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import resource
 import shutil
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from _report import emit  # benchmarks/ is first on sys.path when a script runs
+
 from patchflannel.data import read_manifest
 from patchflannel.io import load_image
 from patchflannel.segment import Segmenter

@@ -5,7 +5,12 @@ Stage 1 (lung segmentation, masked stores) lives in :mod:`patchflannel.segment` 
 learners, batched patch inference) in :mod:`patchflannel.learners`; the FLANNEL weight
 module and focal loss in :mod:`patchflannel.ensemble`.
 """
-from .errors import DataNotFoundError, InvalidImageError, PatchflannelError, WeightsError
+from .errors import (
+    DataNotFoundError,
+    InvalidImageError,
+    PatchflannelError,
+    WeightsError,
+)
 
 __version__ = "0.1.0"
 
@@ -15,7 +20,10 @@ _LAZY = {
     "PatchEngine": "learners", "create_learner": "learners",
 }
 
-__all__ = ["DataNotFoundError", "InvalidImageError", "PatchflannelError", "WeightsError", "__version__", *_LAZY]
+__all__ = [
+    "DataNotFoundError", "FlannelWeightModule", "FocalLoss", "InvalidImageError", "PatchEngine",
+    "PatchflannelError", "WeightsError", "__version__", "create_learner",
+]
 
 
 def __getattr__(name: str):

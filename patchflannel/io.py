@@ -132,9 +132,7 @@ def _load_pillow(path: Path, limits: ImageLimits) -> np.ndarray:
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 elif mode == "CMYK":
                     im = im.convert("RGB")
-                elif mode in ("LA", "La", "PA"):
-                    im = im.convert("L")
-                elif mode == "1":
+                elif mode in ("LA", "La", "PA") or mode == "1":
                     im = im.convert("L")
                 array = np.asarray(im)
     except InvalidImageError:

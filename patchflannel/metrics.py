@@ -7,7 +7,7 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes:
     tn = cm.sum() - tp - fn - fp
     present = support > 0
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
         "macro_f1": float(f1.mean()),
         "macro_f1_present": float(f1[present].mean()) if present.any() else float("nan"),

@@ -137,5 +137,5 @@ class SegmenterPreprocess:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SegmenterPreprocess":
+    def from_dict(cls, d: dict) -> SegmenterPreprocess:
         return cls(**d)

@@ -67,3 +67,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict | None:
         return None
     return torch.load(path, map_location=map_location, weights_only=True)
 
+
+
+def save_training_state(path: str | os.PathLike, model, optimizer, scheduler, **extra) -> None:
+    """Checkpoint model, optimizer and scheduler plus ``extra`` (epoch, best score, history...)."""
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), **extra})
+
+
+def restore_training_state(path: str | os.PathLike, model, optimizer, scheduler) -> dict | None:
+    """Load a :func:`save_training_state` checkpoint into the objects; returns the whole state
+    (for its extra entries), or ``None`` when there is no checkpoint yet."""
+    state = load_checkpoint(path)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return state

@@ -2,7 +2,12 @@ from collections import Counter
 
 import pytest
 
-from patchflannel.cv import assign_folds, check_no_patient_crosses_folds, read_folds, write_folds
+from patchflannel.cv import (
+    assign_folds,
+    check_no_patient_crosses_folds,
+    read_folds,
+    write_folds,
+)
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,11 @@ def test_interrupted_training_resumes_exactly(packs, tmp_path):
 
 def test_evaluation_reports_per_source_and_shortcut_checks(packs, tmp_path):
     from patchflannel.learners.data import read_rows
-    from patchflannel.learners.evaluate import MEAN_OF_LEARNERS, evaluate_learners, markdown_table
+    from patchflannel.learners.evaluate import (
+        MEAN_OF_LEARNERS,
+        evaluate_learners,
+        markdown_table,
+    )
 
     torch.manual_seed(0)
     for name in ("resnet18", "mobilenet_v3_large"):

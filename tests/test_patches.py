@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from patchflannel.patches import EmptyMaskError, extract_patches, image_seed, sample_centres
+from patchflannel.patches import (
+    EmptyMaskError,
+    extract_patches,
+    image_seed,
+    sample_centres,
+)
 
 
 @pytest.fixture(scope="module")

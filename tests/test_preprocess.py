@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from patchflannel.io import load_image
-from patchflannel.preprocess import Letterbox, SegmenterPreprocess, adjust_gamma, equalize_histogram, resize
+from patchflannel.preprocess import (
+    Letterbox,
+    SegmenterPreprocess,
+    adjust_gamma,
+    equalize_histogram,
+    resize,
+)
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def test_resume_skips_finished_inputs(finished_run, input_folder, segmenter):
 
 
 def test_interrupted_write_leaves_no_partial_file(input_folder, segmenter, tmp_path, monkeypatch):
-    import patchflannel.store as store
+    from patchflannel import store
 
     real = store.savez_compressed
     calls = {"n": 0}

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from patchflannel.segment import Segmenter
 from patchflannel.segment.train import SegTrainConfig, train

@@ -15,13 +15,13 @@ DEFAULT_LEARNERS = Path(__file__).resolve().parents[2] / "weights" / "learners-l
 
 
 def save_learner(folder: str | os.PathLike, model: torch.nn.Module, *, name: str, patch_size: int = 224,
-                 normalization: Normalization = Normalization(), classes=CLASSES, extra: dict | None = None,
+                 normalization: Normalization | None = None, classes=CLASSES, extra: dict | None = None,
                  dtype: torch.dtype = torch.float16) -> None:
     """Write a learner bundle. Weights are stored as float16 by default (half the size; they are
     loaded back as float32, and predictions agree with the float32 model to ~1e-3)."""
     write_bundle(folder, model, {"task": "patch-classification", "learner": name, "classes": list(classes),
                                  "patch_size": patch_size, "in_chans": 1,
-                                 "normalization": normalization.to_dict(), **(extra or {})}, dtype=dtype)
+                                 "normalization": (normalization or Normalization()).to_dict(), **(extra or {})}, dtype=dtype)
 
 
 def load_learner(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict]:

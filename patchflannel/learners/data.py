@@ -8,8 +8,8 @@ whose manifest columns carry ``label``, ``patient_id`` and ``source``. Labels ou
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ class MaskedSet:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, indices: Sequence[int]) -> "MaskedSet":
+    def subset(self, indices: Sequence[int]) -> MaskedSet:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return MaskedSet(self.images[idx], self.masks[idx], self.labels[np.asarray(indices, dtype=np.int64)],
                          [self.rows[i] for i in indices])

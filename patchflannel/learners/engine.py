@@ -14,8 +14,8 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class PatchEngine:
     """
 
     def __init__(self, learners: Mapping[str, nn.Module] | Sequence[nn.Module], *, k: int = 100,
-                 patch_size: int = 224, normalization: Normalization = Normalization(), device="auto",
+                 patch_size: int = 224, normalization: Normalization | None = None, device="auto",
                  amp: bool = True, batch_size: int = 128, channels_last: bool = True, compile: bool = False,
                  seed: int = 0, min_lung_pixels: int = 1000):
         if not isinstance(learners, Mapping):
@@ -93,7 +93,7 @@ class PatchEngine:
         self.models = [m.eval().to(self.device, memory_format=memory_format) for m in learners.values()]
         if compile:
             self.models = [torch.compile(m) for m in self.models]
-        self.k, self.patch_size, self.normalization = k, patch_size, normalization
+        self.k, self.patch_size, self.normalization = k, patch_size, normalization or Normalization()
         self.amp, self.batch_size, self.memory_format = amp, batch_size, memory_format
         self.seed, self.min_lung_pixels = seed, min_lung_pixels
 

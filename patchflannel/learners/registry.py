@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from ..pretrained import PACKAGED_WEIGHTS, load_pretrained, packaged_weights_file

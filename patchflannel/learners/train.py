@@ -35,7 +35,12 @@ from tqdm.auto import tqdm
 from ..cv import read_split, split_patients, write_split
 from ..metrics import classification_report
 from ..patches import extract_patches, sample_centres
-from ..training import autocast, load_checkpoint, resolve_device, save_checkpoint
+from ..training import (
+    autocast,
+    resolve_device,
+    restore_training_state,
+    save_training_state,
+)
 from .bundle import save_learner
 from .data import MaskedSet, load_masked_set, read_rows
 from .engine import PatchEngine
@@ -88,7 +93,7 @@ def augment_patches(patches: torch.Tensor, cfg: LearnerTrainConfig, generator: t
     """Random rotation and zoom (one affine warp, zero fill) and gamma/contrast/brightness jitter
     applied inside the lung only (the zero background stays zero). ``patches`` in [0, 1]."""
     n = patches.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
     angle = torch.deg2rad(u(-cfg.max_rotation, cfg.max_rotation))
     scale = u(*cfg.scale_range)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
@@ -172,11 +177,8 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
 
     history, best, best_epoch, start_epoch, elapsed = [], -1.0, 0, 0, 0.0
     ckpt_path = out_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path)
+    state = restore_training_state(ckpt_path, model, optimizer, scheduler)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         history, best, best_epoch = json.loads(state["history"]), state["best"], state["best_epoch"]
         start_epoch = state["epoch"] + 1
         elapsed = history[-1]["elapsed_s"] if history else 0.0
@@ -231,9 +233,8 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
             save_learner(out_dir / "bundle", model, name=cfg.learner, patch_size=cfg.patch_size,
                          normalization=cfg.normalization,
                          extra={"training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                                    "best_epoch": best_epoch, "history": json.dumps(history)})
+        save_training_state(ckpt_path, model, optimizer, scheduler, epoch=epoch, best=best, best_epoch=best_epoch,
+                            history=json.dumps(history))
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
         epochs_run += 1
     return {"history": history, "best_val_macro_f1": best, "best_epoch": best_epoch}

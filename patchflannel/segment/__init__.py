@@ -6,7 +6,17 @@ from .postprocess import keep_largest_components, postprocess_mask
 from .segmenter import LungCheck, Segmentation, Segmenter, default_bundle_path
 
 __all__ = [
-    "FCDenseNet", "FCDenseNetConfig", "PRESETS", "create_fcdensenet", "build_segmentation_model",
-    "keep_largest_components", "postprocess_mask", "load_bundle", "save_bundle",
-    "LungCheck", "Segmentation", "Segmenter", "default_bundle_path",
+    "PRESETS",
+    "FCDenseNet",
+    "FCDenseNetConfig",
+    "LungCheck",
+    "Segmentation",
+    "Segmenter",
+    "build_segmentation_model",
+    "create_fcdensenet",
+    "default_bundle_path",
+    "keep_largest_components",
+    "load_bundle",
+    "postprocess_mask",
+    "save_bundle",
 ]

@@ -16,7 +16,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ class FCDenseNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FCDenseNetConfig":
+    def from_dict(cls, d: dict) -> FCDenseNetConfig:
         d = dict(d)
         d["down_layers"] = tuple(d["down_layers"])
         return cls(**d)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -115,7 +115,7 @@ class Segmenter:
         self.id = f"{name}@{config.get('weights_sha256', 'unknown')[:12]}"
 
     @classmethod
-    def from_bundle(cls, folder: str | os.PathLike | None = None, **kwargs) -> "Segmenter":
+    def from_bundle(cls, folder: str | os.PathLike | None = None, **kwargs) -> Segmenter:
         """Load a bundle folder (default: the shipped FC-DenseNet, see :func:`default_bundle_path`)."""
         folder = Path(folder) if folder is not None else default_bundle_path()
         if not folder.is_dir():

@@ -28,11 +28,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..cv import read_split, split_patients, write_split
-from ..pretrained import load_pretrained
 from ..data import read_manifest
 from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
-from ..training import autocast, load_checkpoint, resolve_device, save_checkpoint, seed_everything
+from ..pretrained import load_pretrained
+from ..training import (
+    autocast,
+    resolve_device,
+    restore_training_state,
+    save_training_state,
+    seed_everything,
+)
 from .bundle import load_bundle, save_bundle, sha256_file
 from .model import build_segmentation_model
 from .segmenter import Segmenter
@@ -90,7 +96,7 @@ def augment(images: torch.Tensor, masks: torch.Tensor, cfg: SegTrainConfig, gene
     No flips: lungs are not mirror-symmetric (heart on the left).
     """
     n = images.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
     angle = torch.deg2rad(u(-cfg.max_rotation, cfg.max_rotation))
     scale = u(*cfg.scale_range)
     tx, ty = u(-cfg.max_translate, cfg.max_translate) * 2, u(-cfg.max_translate, cfg.max_translate) * 2
@@ -189,11 +195,8 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     )
     history, best, start_epoch, elapsed = [], -1.0, 0, 0.0
     ckpt_path = out_dir / "checkpoint.pt"
-    state = load_checkpoint(ckpt_path)
+    state = restore_training_state(ckpt_path, model, optimizer, scheduler)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         history, best, start_epoch = json.loads(state["history"]), state["best"], state["epoch"] + 1
         elapsed = history[-1]["elapsed_s"] if history else 0.0
         log.info("resumed after epoch %d (best val Jaccard %.4f)", state["epoch"], best)
@@ -242,9 +245,8 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
             best = val_j
             save_bundle(out_dir / "bundle", model, architecture=cfg.architecture, preprocess=preprocess,
                         extra={"training": {**training_record, "best_epoch": epoch + 1, "val_jaccard": val_j}})
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                                    "history": json.dumps(history)})
+        save_training_state(ckpt_path, model, optimizer, scheduler, epoch=epoch, best=best,
+                            history=json.dumps(history))
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
         epochs_run += 1
     return {"history": history, "best_val_jaccard": best}
