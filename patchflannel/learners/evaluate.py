@@ -8,7 +8,7 @@ Reported per learner (and for the plain mean of the learners' probabilities, a r
 point, not the FLANNEL ensemble): image-level macro-F1, accuracy, per-class F1, COVID
 sensitivity/specificity, the same split by ``source``, and two shortcut checks: the
 fraction of held-out adult normal films called covid, and of adult ``other_pneumonia``
-films (never trained on; patients outside the training split) called covid.
+films (never trained on; patients with no film in training) called covid.
 """
 from __future__ import annotations
 
@@ -55,7 +55,10 @@ def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int 
     rows = read_rows(packs)
     split = read_split(split_file)
     test = [r for r in rows if split.get(r["patient_id"]) == "test" and r["label"] in CLASSES]
-    external = [r for r in rows if r["label"] not in CLASSES and split.get(r["patient_id"]) != "train"]
+    # Films outside the four classes were never trained on; keep those of patients who had any
+    # film in training out too (e.g. NIH patients with both a normal and a pneumonia film).
+    trained = {r["patient_id"] for r in rows if r["label"] in CLASSES and split.get(r["patient_id"]) == "train"}
+    external = [r for r in rows if r["label"] not in CLASSES and r["patient_id"] not in trained]
     probs = predict_probs(engine, test + external, progress=progress)
     probs = torch.cat([probs, probs.mean(1, keepdim=True)], 1)  # + the plain mean of the learners
     names = list(learners) + [MEAN_OF_LEARNERS]
