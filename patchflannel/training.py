@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def seed_everything(seed: int) -> None:
@@ -84,3 +85,52 @@ def restore_training_state(path: str | os.PathLike, model, optimizer, scheduler)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def _uniform(n: int, generator: torch.Generator):
+    return lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
+
+
+def random_affine(tensors: list[torch.Tensor], generator: torch.Generator, *, max_rotation: float,
+                  scale_range: tuple[float, float], max_translate: float = 0.0) -> list[torch.Tensor]:
+    """One random rotation/zoom/shift per sample, the same warp applied to every ``(N, C, H, W)``
+    tensor in ``tensors`` (e.g. images and their masks), bilinear, zero fill. No flips: lungs
+    are not mirror-symmetric. ``max_translate`` is a fraction of the side."""
+    n = tensors[0].shape[0]
+    u = _uniform(n, generator)
+    angle = torch.deg2rad(u(-max_rotation, max_rotation))
+    scale = u(*scale_range)
+    if max_translate:
+        tx, ty = u(-max_translate, max_translate) * 2, u(-max_translate, max_translate) * 2
+    else:
+        tx = ty = torch.zeros(n)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, tensors[0].shape, align_corners=False)
+    return [F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False) for t in tensors]
+
+
+def intensity_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random gamma (x0.78-1.28), contrast (0.9-1.1) and brightness (+-0.05) per sample; images in [0, 1]."""
+    u = _uniform(images.shape[0], generator)
+    gamma = torch.exp(u(-0.25, 0.25))[:, None, None, None]
+    contrast = u(0.9, 1.1)[:, None, None, None]
+    brightness = u(-0.05, 0.05)[:, None, None, None]
+    return (images.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
+
+
+def optimization_step(model, x: torch.Tensor, loss_fn, optimizer, scheduler, *, device: torch.device,
+                      amp: bool, channels_last: bool) -> float:
+    """Forward ``x`` (moved to ``device``, channels_last if asked) under autocast, ``loss_fn(logits)``,
+    backward, optimizer and scheduler step. Returns the loss."""
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = model(x)
+    loss = loss_fn(logits)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()

@@ -36,7 +36,9 @@ from ..cv import read_split, split_patients, write_split
 from ..metrics import classification_report
 from ..patches import extract_patches, sample_centres
 from ..training import (
-    autocast,
+    intensity_jitter,
+    optimization_step,
+    random_affine,
     resolve_device,
     restore_training_state,
     save_training_state,
@@ -92,21 +94,8 @@ def make_split(rows: list[dict], cfg: LearnerTrainConfig) -> dict[str, str]:
 def augment_patches(patches: torch.Tensor, cfg: LearnerTrainConfig, generator: torch.Generator) -> torch.Tensor:
     """Random rotation and zoom (one affine warp, zero fill) and gamma/contrast/brightness jitter
     applied inside the lung only (the zero background stays zero). ``patches`` in [0, 1]."""
-    n = patches.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
-    angle = torch.deg2rad(u(-cfg.max_rotation, cfg.max_rotation))
-    scale = u(*cfg.scale_range)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    zeros = torch.zeros(n)
-    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
-    grid = F.affine_grid(theta, patches.shape, align_corners=False)
-    patches = F.grid_sample(patches, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    lung = patches > 0
-    gamma = torch.exp(u(-0.25, 0.25))[:, None, None, None]
-    contrast = u(0.9, 1.1)[:, None, None, None]
-    brightness = u(-0.05, 0.05)[:, None, None, None]
-    jittered = (patches.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
-    return torch.where(lung, jittered, torch.zeros_like(jittered))
+    (patches,) = random_affine([patches], generator, max_rotation=cfg.max_rotation, scale_range=cfg.scale_range)
+    return torch.where(patches > 0, intensity_jitter(patches, generator), torch.zeros_like(patches))
 
 
 def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, generator: torch.Generator,
@@ -208,18 +197,11 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
             idx = order[step * images_per_step:(step + 1) * images_per_step]
             x = draw_patches(train_set, idx, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
             x = augment_patches(x, cfg, generator)
-            x = ((x - cfg.normalization.mean) / cfg.normalization.std).to(device)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor(train_set.labels[idx.numpy()]).repeat_interleave(cfg.patches_per_image).to(device)
-            with autocast(device, cfg.amp):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+            losses.append(optimization_step(model, (x - cfg.normalization.mean) / cfg.normalization.std,
+                                            lambda logits: F.cross_entropy(logits.float(), y, weight=loss_weight),
+                                            optimizer, scheduler, device=device, amp=cfg.amp,
+                                            channels_last=cfg.channels_last))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         report = evaluate(model, val_set, cfg, device, cfg.val_k)
         elapsed += time.perf_counter() - t0

@@ -33,7 +33,9 @@ from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
 from ..training import (
-    autocast,
+    intensity_jitter,
+    optimization_step,
+    random_affine,
     resolve_device,
     restore_training_state,
     save_training_state,
@@ -91,25 +93,13 @@ def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bo
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, cfg: SegTrainConfig, generator: torch.Generator):
-    """Random small rotation, zoom and shift (one affine warp), and intensity jitter.
+    """Random small rotation, zoom and shift (one affine warp of image and mask), and intensity jitter.
 
     No flips: lungs are not mirror-symmetric (heart on the left).
     """
-    n = images.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
-    angle = torch.deg2rad(u(-cfg.max_rotation, cfg.max_rotation))
-    scale = u(*cfg.scale_range)
-    tx, ty = u(-cfg.max_translate, cfg.max_translate) * 2, u(-cfg.max_translate, cfg.max_translate) * 2
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, images.shape, align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    gamma = torch.exp(u(-0.25, 0.25))[:, None, None, None]
-    contrast = u(0.9, 1.1)[:, None, None, None]
-    brightness = u(-0.05, 0.05)[:, None, None, None]
-    images = (images.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
-    return images, masks
+    images, masks = random_affine([images, masks], generator, max_rotation=cfg.max_rotation,
+                                  scale_range=cfg.scale_range, max_translate=cfg.max_translate)
+    return intensity_jitter(images, generator), masks
 
 
 def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -224,17 +214,10 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = augment(train_set.images[idx], train_set.masks[idx], cfg, generator)
-            x = ((x - preprocess.mean) / preprocess.std).to(device)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, cfg.amp):
-                logits = model(x)
-            loss = dice_bce_loss(logits, y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+            y = y.to(device)
+            losses.append(optimization_step(model, (x - preprocess.mean) / preprocess.std,
+                                            lambda logits: dice_bce_loss(logits, y), optimizer, scheduler,
+                                            device=device, amp=cfg.amp, channels_last=cfg.channels_last))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         val_j = validation_jaccard(model, val_set, preprocess, device, cfg.amp, cfg.channels_last)
         elapsed += time.perf_counter() - t0
