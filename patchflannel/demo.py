@@ -43,9 +43,10 @@ def sample_rows(rows: list[dict], per_group: int, seed: int) -> list[dict]:
     return picked
 
 
-def classify(rows: list[dict], records: dict, masked: Path, args) -> dict[str, dict]:
-    """Mean of the shipped learners' patch probabilities for every segmented film (``{}`` and a
-    note when no learner bundles are found); also writes ``predictions.csv``."""
+def classify(rows: list[dict], films: dict[str, dict], args) -> dict[str, dict]:
+    """Mean of the shipped learners' patch probabilities for every segmented film in ``films``
+    (``{}`` and a note when no learner bundles are found), in one batched engine call; also
+    writes ``predictions.csv``."""
     try:
         learners, shared = load_learner_set(args.learners)
     except WeightsError as exc:
@@ -55,16 +56,15 @@ def classify(rows: list[dict], records: dict, masked: Path, args) -> dict[str, d
     split = read_split(folder / "split.csv") if (folder / "split.csv").is_file() else {}
     engine = PatchEngine(learners, k=args.k, patch_size=shared["patch_size"],
                          normalization=Normalization(**shared["normalization"]), seed=args.seed)
+    rows = [row for row in rows if row["image"] in films]
+    if not rows:
+        return {}
+    result = engine.predict([films[r["image"]]["masked_image"] for r in rows], [films[r["image"]]["mask"] for r in rows])
     out = {}
-    for row in rows:
-        rec = records.get(row["image"])
-        if not rec or rec["status"] != "ok":
+    for row, probs, rejected in zip(rows, result.probs, result.rejected):
+        if rejected:
             continue
-        z = read_masked_npz(masked / rec["output"])
-        result = engine.predict([z["masked_image"]], [z["mask"]])
-        if result.rejected[0]:
-            continue
-        mean = result.probs[0].mean(0)
+        mean = probs.mean(0)
         out[row["image"]] = {"image": row["image"], "label": row["label"], "source": row["source"],
                              "split": split.get(row["patient_id"], "unseen"),
                              "predicted": CLASSES[int(mean.argmax())], "probability": float(mean.max()),
@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     masked = args.out / "masked"
     counts = run_batch(manifest, masked, segmenter, keep_unmasked=True, h5_path=masked / "sample.h5")
     records = {r["path"]: r for r in csv.DictReader(open(masked / "summary.csv"))}
-    predictions = classify(rows, records, masked, args)
+    films = {path: read_masked_npz(masked / rec["output"]) for path, rec in records.items() if rec["status"] == "ok"}
+    predictions = classify(rows, films, args)
     tiles = []
     for row in rows:
         rec = records.get(row["image"])
@@ -111,8 +112,8 @@ def main(argv=None) -> None:
         if row["image"] in predictions:
             pred = predictions[row["image"]]
             caption += f" -> {pred['predicted']} {pred['probability']:.2f} ({pred['split']})"
-        if rec and rec["status"] == "ok":
-            z = read_masked_npz(masked / rec["output"])
+        if row["image"] in films:
+            z = films[row["image"]]
             tiles.append(mask_overlay(z["image"], z["mask"], label=caption))
         else:
             blank = np.zeros((512, 512), dtype=np.uint8)

@@ -31,11 +31,6 @@ class MaskedSet:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, indices: Sequence[int]) -> MaskedSet:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return MaskedSet(self.images[idx], self.masks[idx], self.labels[np.asarray(indices, dtype=np.int64)],
-                         [self.rows[i] for i in indices])
-
 
 def read_rows(packs: Sequence[str | os.PathLike]) -> list[dict]:
     """Metadata rows of every image in the packs (no pixels read)."""
@@ -51,12 +46,16 @@ def read_rows(packs: Sequence[str | os.PathLike]) -> list[dict]:
     return rows
 
 
-def load_masked_set(rows: Sequence[dict], classes: Sequence[str] = CLASSES, progress: bool = True) -> MaskedSet:
-    """Read the pixels of ``rows`` (from :func:`read_rows`) into memory."""
-    handles: dict[str, H5MaskedDataset] = {}
+def load_masked_set(rows: Sequence[dict], classes: Sequence[str] = CLASSES, progress: bool = True,
+                    handles: dict[str, H5MaskedDataset] | None = None) -> MaskedSet:
+    """Read the pixels of ``rows`` (from :func:`read_rows`) into memory. Pass the same
+    ``handles`` dict to successive calls to keep the packs open between them."""
+    handles = {} if handles is None else handles
     images, masks = [], []
     for row in tqdm(rows, desc="reading", disable=not progress, leave=False):
-        ds = handles.setdefault(row["pack"], H5MaskedDataset(row["pack"]))
+        if row["pack"] not in handles:  # opening a pack reads all its columns: once per pack
+            handles[row["pack"]] = H5MaskedDataset(row["pack"])
+        ds = handles[row["pack"]]
         item = ds[row["index"]]
         images.append(torch.from_numpy(item["masked_image"]))
         masks.append(torch.from_numpy(item["mask"]))

@@ -157,19 +157,15 @@ class PatchEngine:
         images, masks = self._as_batch(images), self._as_batch(masks).bool()
         if images.ndim != 3 or masks.shape != images.shape:
             raise ValueError(f"images and masks must both be (N, H, W); got {tuple(images.shape)} and {tuple(masks.shape)}")
-        n, num_learners, c = len(images), len(self.models), None
+        n, num_learners = len(images), len(self.models)
         centres, rejected = self.sample(images, masks)
         keep = [i for i, r in enumerate(rejected) if r is None]
-        patch_probs = None
         if keep:
-            patches = extract_patches(images[keep, None], centres[keep], self.patch_size)
-            probs = self.forward_patches(patches)  # (L, len(keep) * K, C)
-            c = probs.shape[-1]
-            patch_probs = probs.reshape(num_learners, len(keep), self.k, c).transpose(0, 1).cpu()
-        c = c or len(CLASSES)
-        full = torch.full((n, num_learners, self.k, c), float("nan"))
-        if keep:
-            full[keep] = patch_probs
+            probs = self.forward_patches(extract_patches(images[keep, None], centres[keep], self.patch_size))
+            full = torch.full((n, num_learners, self.k, probs.shape[-1]), float("nan"))
+            full[keep] = probs.reshape(num_learners, len(keep), self.k, -1).transpose(0, 1).cpu()
+        else:
+            full = torch.full((n, num_learners, self.k, len(CLASSES)), float("nan"))
         mean, votes, labels = vote(full)
         dropped = [i for i, r in enumerate(rejected) if r is not None]
         labels[dropped], votes[dropped] = -1, float("nan")

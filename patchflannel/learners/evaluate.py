@@ -35,9 +35,9 @@ MEAN_OF_LEARNERS = "mean of learners"
 
 def predict_probs(engine: PatchEngine, rows: list[dict], chunk: int = 32, progress: bool = True) -> torch.Tensor:
     """``(N, L, C)`` mean softmax for ``rows`` (read from their packs a chunk at a time)."""
-    out = []
+    out, handles = [], {}
     for start in tqdm(range(0, len(rows), chunk), desc="predicting", disable=not progress, leave=False):
-        data = load_masked_set(rows[start:start + chunk], progress=False)
+        data = load_masked_set(rows[start:start + chunk], progress=False, handles=handles)
         result = engine.predict(data.images, data.masks)
         if any(result.rejected):
             log.warning("%d films rejected: %s", sum(r is not None for r in result.rejected),

@@ -78,10 +78,9 @@ def _torchvision_builder(name: str):
         return None
 
 
-def head_size(model: nn.Module) -> int:
-    """Number of trailing state-dict tensors that belong to the classification head."""
-    last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    return 2 if last_linear.bias is not None else 1
+def _classification_head(model: nn.Module) -> nn.Linear:
+    """The last linear layer: the classification head of every supported backbone."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
 def create_learner(name: str, num_classes: int = len(CLASSES), *, weights: str | os.PathLike | None = None,
@@ -120,11 +119,11 @@ def create_learner(name: str, num_classes: int = len(CLASSES), *, weights: str |
             _replace_first_conv(model, in_chans)
     # A fresh head with small weights starts every logit near zero (loss ~ln C). timm's default
     # init for a 4-output layer gives logits of several units and a first loss of ~5.
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    head = _classification_head(model)
     nn.init.normal_(head.weight, std=0.01)
     if head.bias is not None:
         nn.init.zeros_(head.bias)
     if weights is not None:
         path = packaged_weights_file(name.removeprefix("timm/")) if str(weights) == "imagenet" else weights
-        load_pretrained(model, path, ignore_tail=head_size(model))
+        load_pretrained(model, path, ignore_tail=2 if head.bias is not None else 1)  # the head's tensors
     return model
