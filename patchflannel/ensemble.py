@@ -13,9 +13,15 @@ Example:
 """
 from __future__ import annotations
 
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .bundle import load_state, read_bundle, write_bundle
 
 
 class FlannelWeightModule(nn.Module):
@@ -91,3 +97,70 @@ class FocalLoss(nn.Module):
         if self.reduction == "mean":
             return loss.mean()
         return loss.sum() if self.reduction == "sum" else loss
+
+
+@dataclass
+class WeightModuleConfig:
+    """How :func:`fit_weight_module` trains the weight module (saved beside its weights).
+
+    Full-batch AdamW on the focal loss for a fixed number of steps: the stacking set is a few
+    hundred out-of-fold predictions and the module has ~2,000 parameters, so there is no
+    further hold-out to early-stop on; weight decay keeps the weights small instead.
+    """
+
+    gamma: float = 2.0
+    hidden: int | None = None
+    steps: int = 500
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_weight_module(probs, labels, config: WeightModuleConfig | None = None,
+                      alpha: torch.Tensor | None = None) -> FlannelWeightModule:
+    """Train a :class:`FlannelWeightModule` on ``(N, L, C)`` learner probabilities and ``(N,)`` labels.
+
+    ``probs`` must be out-of-fold: predictions of learners for images they were not trained
+    on (stacking on in-sample predictions teaches the module to trust overfitted learners).
+    ``alpha`` defaults to :func:`class_alpha` of ``labels``. Deterministic for a given seed.
+    """
+    config = config or WeightModuleConfig()
+    probs = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if probs.ndim != 3 or len(probs) != len(labels):
+        raise ValueError(f"expected (N, L, C) probabilities and N labels; got {tuple(probs.shape)} and {len(labels)}")
+    if torch.isnan(probs).any():
+        raise ValueError("probabilities contain NaN (rejected images?); drop those rows first")
+    num_classes = probs.shape[2]
+    torch.manual_seed(config.seed)
+    module = FlannelWeightModule(probs.shape[1], num_classes, hidden=config.hidden)
+    loss_fn = FocalLoss(class_alpha(labels, num_classes) if alpha is None else alpha, gamma=config.gamma)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    module.train()
+    for _ in range(config.steps):
+        optimizer.zero_grad()
+        loss = loss_fn(module(probs), labels)
+        loss.backward()
+        optimizer.step()
+    return module.eval()
+
+
+def save_weight_module(folder: str | os.PathLike, module: FlannelWeightModule, *, learners: list[str],
+                       classes: list[str], config: WeightModuleConfig | None = None, extra: dict | None = None) -> None:
+    """Write the module as a bundle; ``learners`` records the order of axis 1 its inputs need."""
+    if len(learners) != module.num_learners:
+        raise ValueError(f"{len(learners)} learner names for a module of {module.num_learners} learners")
+    hidden = module.weights[0].out_features if isinstance(module.weights, nn.Sequential) else None
+    write_bundle(folder, module, {"task": "flannel-weight-module", "learners": list(learners),
+                                  "classes": list(classes), "hidden": hidden,
+                                  "training": (config or WeightModuleConfig()).to_dict(), **(extra or {})})
+
+
+def load_weight_module(folder: str | os.PathLike) -> tuple[FlannelWeightModule, dict]:
+    """The module of a bundle written by :func:`save_weight_module`, and its config."""
+    state, config = read_bundle(folder, "weight module")
+    module = FlannelWeightModule(len(config["learners"]), len(config["classes"]), hidden=config.get("hidden"))
+    return load_state(module, state, folder).eval(), config

@@ -47,6 +47,23 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes:
     }
 
 
+def ranking_report(y_true: Sequence[int], scores, classes: Sequence[str] = CLASSES) -> dict:
+    """Per-class one-vs-rest ROC-AUC and PR-AUC (average precision) of ``scores`` ``(N, C)``;
+    NaN for a class with no positive or no negative example."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y_true, scores = np.asarray(y_true, dtype=int), np.asarray(scores, dtype=float)
+    out = {}
+    for i, c in enumerate(classes):
+        positive = y_true == i
+        if positive.all() or not positive.any():
+            out[c] = {"roc_auc": float("nan"), "pr_auc": float("nan")}
+        else:
+            out[c] = {"roc_auc": float(roc_auc_score(positive, scores[:, i])),
+                      "pr_auc": float(average_precision_score(positive, scores[:, i]))}
+    return out
+
+
 def fraction_predicted(y_pred: Sequence[int], classes: Sequence[str] = CLASSES) -> dict[str, float]:
     """Fraction of predictions per class (e.g. how many adult normal films were called covid)."""
     y_pred = np.asarray(y_pred, dtype=int)

@@ -1,3 +1,4 @@
+import csv
 import os
 from pathlib import Path
 
@@ -58,3 +59,53 @@ def segmenter():
     if not SHIPPED_SEGMENTER.is_dir():
         pytest.fail(f"shipped segmenter missing at {SHIPPED_SEGMENTER}")
     return Segmenter.from_bundle(SHIPPED_SEGMENTER, device="cpu")
+
+
+WORKING = 384  # a small working grid keeps the Stage 2 tests fast; the library default is 1024
+
+
+def make_packs(root, data_dir, segmenter, working_size: int, per_label: dict) -> list:
+    """Small real Stage 1 packs: the first films of each label of cxr4 and adult.
+
+    The films are copied to ``root/<part>/images`` beside a manifest with relative paths, as
+    in the real data folders, so ``root/<part>`` is the image folder of pack ``root/<part>.h5``.
+    """
+    import shutil
+
+    from patchflannel.data import read_manifest
+    from patchflannel.segment import Segmenter
+    from patchflannel.segment.batch import run_batch
+
+    resized = Segmenter(segmenter.model, segmenter.config, device="cpu", working_size=working_size)
+    out = []
+    for part, n in per_label.items():
+        picked, seen = [], {}
+        for row in read_manifest(data_dir / part / "manifest.csv"):
+            if seen.get(row["label"], 0) < n:
+                seen[row["label"]] = seen.get(row["label"], 0) + 1
+                picked.append(row)
+        (root / part / "images").mkdir(parents=True)
+        manifest = root / part / "manifest.csv"
+        with open(manifest, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "label", "patient_id", "source"])
+            writer.writeheader()
+            for row in picked:
+                name = Path("images") / Path(row["image"]).name
+                shutil.copyfile(row["image"], root / part / name)
+                writer.writerow({**{k: row[k] for k in writer.fieldnames}, "image": name.as_posix()})
+        counts = run_batch(manifest, root / f"{part}-masked", resized, h5_path=root / f"{part}.h5", progress=False)
+        assert counts["error"] == 0
+        out.append(root / f"{part}.h5")
+    return out
+
+
+@pytest.fixture(scope="session")
+def packs(tmp_path_factory, data_dir, segmenter):
+    """cxr4 films of each class plus adult normals and other_pneumonia, on a small working grid."""
+    return make_packs(tmp_path_factory.mktemp("stage1"), data_dir, segmenter, WORKING, {"cxr4": 10, "adult": 5})
+
+
+@pytest.fixture(scope="session")
+def training_packs(tmp_path_factory, data_dir, segmenter):
+    """Fewer films at the library's 1024 px working size, for 224 px training patches."""
+    return make_packs(tmp_path_factory.mktemp("stage1_1024"), data_dir, segmenter, 1024, {"cxr4": 8, "adult": 3})

@@ -2,7 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchflannel.ensemble import FlannelWeightModule, FocalLoss, class_alpha
+from patchflannel.ensemble import (
+    FlannelWeightModule,
+    FocalLoss,
+    WeightModuleConfig,
+    class_alpha,
+    fit_weight_module,
+    load_weight_module,
+    save_weight_module,
+)
 
 
 def test_focal_loss_is_cross_entropy_at_gamma_0_and_alpha_1():
@@ -48,21 +56,54 @@ def test_weight_module_computes_the_published_formula():
         module(torch.rand(3, 4, 4))
 
 
-def test_weight_module_learns_to_trust_the_right_learner():
-    """Learner 0 is always right, the others random: the module should weight learner 0 most."""
-    torch.manual_seed(0)
-    n, num_learners = 512, 3
-    target = torch.randint(0, 4, (n,))
-    probs = torch.softmax(torch.randn(n, num_learners, 4), -1)
+def _one_reliable_learner(n=512, num_learners=3, seed=0):
+    """Learner 0 is always right, the others random."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 4, (n,), generator=g)
+    probs = torch.softmax(torch.randn(n, num_learners, 4, generator=g), -1)
     probs[:, 0] = F.one_hot(target, 4).float() * 0.7 + 0.075
-    module = FlannelWeightModule(num_learners, 4, hidden=16)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    loss_fn = FocalLoss(gamma=2.0)
-    for _ in range(200):
-        opt.zero_grad()
-        loss = loss_fn(module(probs), target)
-        loss.backward()
-        opt.step()
+    return probs, target
+
+
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_fitted_weight_module_trusts_the_right_learner(hidden):
+    probs, target = _one_reliable_learner()
+    module = fit_weight_module(probs, target, WeightModuleConfig(hidden=hidden, steps=200))
     weights = module.learner_weights(probs).mean(0)
     assert weights[0] > weights[1:].abs().max()
     assert (module(probs).argmax(-1) == target).float().mean() > 0.95
+
+
+def test_weight_module_fit_is_deterministic_and_round_trips(tmp_path):
+    from patchflannel import WeightsError
+
+    probs, target = _one_reliable_learner(n=128)
+    config = WeightModuleConfig(steps=30, seed=3)
+    a, b = fit_weight_module(probs, target, config), fit_weight_module(probs, target, config)
+    torch.testing.assert_close(a(probs), b(probs), rtol=0, atol=0)
+    save_weight_module(tmp_path / "ens", a, learners=["x", "y", "z"], classes=["a", "b", "c", "d"], config=config)
+    loaded, saved = load_weight_module(tmp_path / "ens")
+    assert saved["learners"] == ["x", "y", "z"] and saved["training"]["steps"] == 30
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probs), a(probs))
+    (tmp_path / "ens" / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_weight_module(tmp_path / "ens")
+
+
+def test_weight_module_fit_refuses_rejected_rows():
+    probs, target = _one_reliable_learner(n=8)
+    probs[2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fit_weight_module(probs, target)
+
+
+def test_ranking_report_matches_hand_values():
+    from patchflannel.metrics import ranking_report
+
+    truth = [0, 0, 1, 1]
+    scores = torch.tensor([[0.9, 0.1, 0, 0], [0.4, 0.6, 0, 0], [0.6, 0.4, 0, 0], [0.2, 0.8, 0, 0]]).numpy()
+    report = ranking_report(truth, scores)
+    assert report["covid"]["roc_auc"] == pytest.approx(0.75)  # 3 of 4 positive-negative pairs ordered
+    assert report["covid"]["pr_auc"] == pytest.approx((1 + 2 / 3) / 2)
+    assert torch.isnan(torch.tensor(report["normal"]["roc_auc"]))  # no positive example

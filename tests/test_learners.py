@@ -11,46 +11,7 @@ from patchflannel.learners.bundle import load_learner, load_learner_set, save_le
 from patchflannel.metrics import classification_report, fraction_predicted
 from patchflannel.patches import extract_patches
 
-WORKING = 384  # a small working grid keeps these tests fast; the library default is 1024
-PATCH = 96
-
-
-def make_packs(root, data_dir, segmenter, working_size: int, per_label: dict) -> list:
-    """Small real Stage 1 packs: the first films of each label of cxr4 and adult."""
-    from patchflannel.data import read_manifest
-    from patchflannel.segment import Segmenter
-    from patchflannel.segment.batch import run_batch
-
-    resized = Segmenter(segmenter.model, segmenter.config, device="cpu", working_size=working_size)
-    out = []
-    for part, n in per_label.items():
-        picked, seen = [], {}
-        for row in read_manifest(data_dir / part / "manifest.csv"):
-            if seen.get(row["label"], 0) < n:
-                seen[row["label"]] = seen.get(row["label"], 0) + 1
-                picked.append(row)
-        manifest = root / f"{part}.csv"
-        with open(manifest, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image", "label", "patient_id", "source"])
-            writer.writeheader()
-            for row in picked:
-                writer.writerow({k: row[k] for k in writer.fieldnames})
-        counts = run_batch(manifest, root / part, resized, h5_path=root / f"{part}.h5", progress=False)
-        assert counts["error"] == 0
-        out.append(root / f"{part}.h5")
-    return out
-
-
-@pytest.fixture(scope="module")
-def packs(tmp_path_factory, data_dir, segmenter):
-    """cxr4 films of each class plus adult normals and other_pneumonia, on a small working grid."""
-    return make_packs(tmp_path_factory.mktemp("stage1"), data_dir, segmenter, WORKING, {"cxr4": 10, "adult": 5})
-
-
-@pytest.fixture(scope="module")
-def training_packs(tmp_path_factory, data_dir, segmenter):
-    """Fewer films at the library's 1024 px working size, for 224 px training patches."""
-    return make_packs(tmp_path_factory.mktemp("stage1_1024"), data_dir, segmenter, 1024, {"cxr4": 8, "adult": 3})
+PATCH = 96  # patch side for the 384 px packs of conftest.py (the library default is 224 at 1024)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +66,7 @@ def test_vote_majority_and_tie_break():
 
 def test_engine_equals_per_patch_loop(masked):
     torch.manual_seed(0)
-    learners = {"resnet18": create_learner("resnet18"), "mobilenet_v3_large": create_learner("mobilenet_v3_large")}
+    learners = {"resnet18": create_learner("resnet18"), "mobilenet_v3_small": create_learner("mobilenet_v3_small")}
     engine = PatchEngine(learners, k=6, patch_size=PATCH, amp=False, batch_size=5, device="cpu", min_lung_pixels=100)
     images, masks = masked.images[:3], masked.masks[:3]
     out = engine.predict(images, masks, return_patch_probs=True)
@@ -231,26 +192,58 @@ def test_interrupted_training_resumes_exactly(packs, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def test_evaluation_reports_per_source_and_shortcut_checks(packs, tmp_path):
+def test_evaluation_reports_per_source_shortcuts_and_the_ensemble(packs, tmp_path):
+    from patchflannel.ensemble import FlannelWeightModule, save_weight_module
     from patchflannel.learners.data import read_rows
     from patchflannel.learners.evaluate import (
+        FLANNEL_ENSEMBLE,
         MEAN_OF_LEARNERS,
         evaluate_learners,
         markdown_table,
     )
 
     torch.manual_seed(0)
-    for name in ("resnet18", "mobilenet_v3_large"):
+    names = ["resnet18", "mobilenet_v3_small"]
+    for name in names:
         save_learner(tmp_path / "set" / name, create_learner(name), name=name, patch_size=PATCH)
+    save_weight_module(tmp_path / "ensemble", FlannelWeightModule(2, 4), learners=names, classes=list(CLASSES))
     rows = read_rows(packs)
     with open(tmp_path / "split.csv", "w") as f:
         f.write("patient_id,split\n" + "".join(f"{pid},test\n" for pid in sorted({r["patient_id"] for r in rows})))
-    report = evaluate_learners(tmp_path / "set", packs, tmp_path / "split.csv", k=2, device="cpu", progress=False)
+    report = evaluate_learners(tmp_path / "set", packs, tmp_path / "split.csv", k=2, device="cpu", progress=False,
+                               ensemble_dir=tmp_path / "ensemble")
     labelled = sum(r["label"] in CLASSES for r in rows)
     assert report["n_test"] == labelled and report["n_external"] == len(rows) - labelled > 0
-    assert list(report["learners"]) == ["resnet18", "mobilenet_v3_large", MEAN_OF_LEARNERS]
+    assert list(report["learners"]) == [*names, FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS]
     entry = report["learners"]["resnet18"]
     assert set(entry["by_source"]) == {"cohen", "kermany", "nih"}
+    assert set(entry["ranking"]) == set(CLASSES) and 0 <= entry["ranking"]["covid"]["roc_auc"] <= 1
     assert sum(map(sum, entry["confusion_matrix"])) == labelled
     assert sum(entry["external_other_pneumonia_called"].values()) == pytest.approx(1.0)
-    assert len(markdown_table(report).splitlines()) == 2 + 3
+    assert len(markdown_table(report).splitlines()) == 2 + 4
+
+
+def test_whole_image_baseline_trains_on_unmasked_films(packs, tmp_path):
+    from patchflannel.learners.data import load_masked_set, load_whole_image_set, read_rows
+    from patchflannel.learners.registry import Normalization
+    from patchflannel.learners.train import LearnerTrainConfig, predict_whole_images, train
+
+    roots = [p.with_suffix("") for p in packs]  # the fixture's image folders
+    cfg = LearnerTrainConfig(learner="resnet18", input="whole_image", patch_size=PATCH, epochs=1, batch_size=16,
+                             lr=2e-3, val_k=2)
+    with pytest.raises(ValueError, match="image folder"):
+        train(packs, tmp_path / "wi", cfg, device="cpu", progress=False)
+    train(packs, tmp_path / "wi", cfg, device="cpu", progress=False, image_roots=roots)
+    model, config = load_learner(tmp_path / "wi" / "bundle")
+    assert config["input"] == "whole_image"
+    rows = [r for r in read_rows(packs) if r["source"] == "cohen"][:4]
+    films = load_whole_image_set(rows, {str(p): r for p, r in zip(packs, roots)}, PATCH, progress=False)
+    lungs = load_masked_set(rows, progress=False)
+    assert films.images.shape == (4, PATCH, PATCH) and films.images.dtype == torch.uint8
+    # Unmasked: far more of the film is non-zero than the lungs alone.
+    assert (films.images > 0).float().mean() > (lungs.images > 0).float().mean() + 0.2
+    probs = predict_whole_images(model, films.images, Normalization(), torch.device("cpu"))
+    assert probs.shape == (4, 4)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    with pytest.raises(WeightsError, match="whole-image"):  # never mixed into a patch learner set
+        load_learner_set(tmp_path / "wi")

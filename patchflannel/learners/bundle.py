@@ -54,6 +54,9 @@ def load_learner_set(folder: str | os.PathLike | None = None) -> tuple[dict[str,
         raise WeightsError(f"no learner bundles under {folder}: pass a folder of learner bundles "
                            "(each with config.json and model.safetensors), e.g. weights/learners-lite")
     loaded = [load_learner(p) for p in subfolders]
+    whole = [str(p) for p, (_, c) in zip(subfolders, loaded) if c.get("input", "patches") != "patches"]
+    if whole:
+        raise WeightsError(f"{whole} hold whole-image models, not patch learners; keep them out of a learner set")
     loaded.sort(key=lambda mc: _order(mc[1]["learner"]))
     shared_keys = ("classes", "patch_size", "normalization")
     shared = {k: loaded[0][1][k] for k in shared_keys}

@@ -64,3 +64,28 @@ def load_masked_set(rows: Sequence[dict], classes: Sequence[str] = CLASSES, prog
     if not rows:
         raise ValueError("no images selected")
     return MaskedSet(torch.stack(images), torch.stack(masks), labels, list(rows))
+
+
+def load_whole_image_set(rows: Sequence[dict], image_roots: dict[str, str | os.PathLike], size: int = 224,
+                         classes: Sequence[str] = CLASSES, progress: bool = True) -> MaskedSet:
+    """The original, unmasked films of ``rows`` letterboxed to ``size x size`` uint8 (for
+    whole-image baselines). ``image_roots`` maps each row's pack to the folder its manifest's
+    relative ``input`` paths start from; ``masks`` mark the letterbox content."""
+    from pathlib import Path
+
+    from ..io import load_image
+    from ..preprocess import Letterbox
+
+    images, masks = [], []
+    for row in tqdm(rows, desc="decoding", disable=not progress, leave=False):
+        if row["pack"] not in image_roots:
+            raise ValueError(f"no image folder given for pack {row['pack']}")
+        grey = load_image(Path(image_roots[row["pack"]]) / row["input"])
+        box = Letterbox(grey.shape, size)
+        images.append(torch.from_numpy(np.round(box.apply(grey) * 255).astype(np.uint8)))
+        masks.append(torch.from_numpy(box.place(np.ones(box.content_shape, dtype=bool))))
+    if not rows:
+        raise ValueError("no images selected")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([index.get(r["label"], -1) for r in rows], dtype=np.int64)
+    return MaskedSet(torch.stack(images), torch.stack(masks), labels, list(rows))

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cv import read_split
-from ..metrics import classification_report, fraction_predicted
+from ..metrics import classification_report, fraction_predicted, ranking_report
 from .bundle import load_learner_set
 from .data import load_masked_set, read_rows
 from .engine import PatchEngine
@@ -31,6 +31,7 @@ from .registry import CLASSES, Normalization
 log = logging.getLogger(__name__)
 
 MEAN_OF_LEARNERS = "mean of learners"
+FLANNEL_ENSEMBLE = "FLANNEL ensemble"
 
 
 def predict_probs(engine: PatchEngine, rows: list[dict], chunk: int = 32, progress: bool = True) -> torch.Tensor:
@@ -47,7 +48,9 @@ def predict_probs(engine: PatchEngine, rows: list[dict], chunk: int = 32, progre
 
 
 def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int = 0, device="auto",
-                      batch_size: int = 128, progress: bool = True) -> dict:
+                      batch_size: int = 128, progress: bool = True, ensemble_dir=None) -> dict:
+    """Report every learner of ``learner_dir`` (plus the FLANNEL module of ``ensemble_dir``,
+    when given, and the plain mean of the learners) on the test patients of ``split_file``."""
     learners, shared = load_learner_set(learner_dir)
     engine = PatchEngine(learners, k=k, patch_size=shared["patch_size"],
                          normalization=Normalization(**shared["normalization"]), device=device,
@@ -60,28 +63,47 @@ def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int 
     trained = {r["patient_id"] for r in rows if r["label"] in CLASSES and split.get(r["patient_id"]) == "train"}
     external = [r for r in rows if r["label"] not in CLASSES and r["patient_id"] not in trained]
     probs = predict_probs(engine, test + external, progress=progress)
-    probs = torch.cat([probs, probs.mean(1, keepdim=True)], 1)  # + the plain mean of the learners
-    names = list(learners) + [MEAN_OF_LEARNERS]
-    pred = probs.argmax(-1).numpy()  # (N, L + 1)
-    truth = np.asarray([CLASSES.index(r["label"]) for r in test])
-    n_test = len(test)
+    names = list(learners)
+    if ensemble_dir is not None:
+        from ..ensemble import load_weight_module
+
+        module, ens_config = load_weight_module(ensemble_dir)
+        if ens_config["learners"] != names:
+            raise ValueError(f"{ensemble_dir} combines {ens_config['learners']}, the learner set has {names}")
+        with torch.no_grad():
+            combined = module(probs).softmax(-1)
+        probs, names = torch.cat([probs, combined[:, None]], 1), names + [FLANNEL_ENSEMBLE]
+    probs = torch.cat([probs, probs[:, :len(learners)].mean(1, keepdim=True)], 1)  # + the plain mean of the learners
+    names.append(MEAN_OF_LEARNERS)
     sources = sorted({r["source"] for r in test})
-    adult_normal = [i for i, r in enumerate(test) if r["label"] == "normal" and r["source"] == "nih"]
-    report = {"k": k, "seed": seed, "n_test": n_test, "n_external": len(external),
+    report = {"k": k, "seed": seed, "n_test": len(test), "n_external": len(external),
               "test_counts": {f"{s}:{c}": sum(r["source"] == s and r["label"] == c for r in test)
                               for s in sources for c in CLASSES},
               "learners": {}}
     for j, name in enumerate(names):
-        p = pred[:n_test, j]
-        entry = classification_report(truth, p)
-        entry["by_source"] = {}
-        for s in sources:
-            idx = [i for i, r in enumerate(test) if r["source"] == s]
-            entry["by_source"][s] = classification_report(truth[idx], p[idx])
-        entry["adult_normal_called"] = fraction_predicted(p[adult_normal]) if adult_normal else None
-        entry["external_other_pneumonia_called"] = fraction_predicted(pred[n_test:, j]) if external else None
-        report["learners"][name] = entry
+        report["learners"][name] = score(test, probs[:len(test), j].numpy(),
+                                         probs[len(test):, j].numpy() if external else None)
     return report
+
+
+def score(rows: list[dict], probs: np.ndarray, external_probs: np.ndarray | None = None) -> dict:
+    """One model's report on labelled ``rows`` from its ``(N, C)`` probabilities: the
+    :func:`classification_report`, per-class ROC-/PR-AUC, the same split by ``source``, the
+    fraction of adult (NIH) normal films called each class, and of ``external_probs`` (films
+    outside the four classes, e.g. adult ``other_pneumonia``)."""
+    truth = np.asarray([CLASSES.index(r["label"]) for r in rows])
+    pred = probs.argmax(-1)
+    entry = classification_report(truth, pred)
+    entry["ranking"] = ranking_report(truth, probs)
+    entry["by_source"] = {}
+    for s in sorted({r["source"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["source"] == s]
+        entry["by_source"][s] = classification_report(truth[idx], pred[idx])
+    adult_normal = [i for i, r in enumerate(rows) if r["label"] == "normal" and r["source"] == "nih"]
+    entry["adult_normal_called"] = fraction_predicted(pred[adult_normal]) if adult_normal else None
+    entry["external_other_pneumonia_called"] = (fraction_predicted(external_probs.argmax(-1))
+                                                if external_probs is not None and len(external_probs) else None)
+    return entry
 
 
 def markdown_table(report: dict) -> str:
@@ -105,6 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--learners", type=Path, required=True, help="folder of learner bundles")
     p.add_argument("--packs", nargs="+", required=True)
     p.add_argument("--split", type=Path, required=True, help="patient_id,split CSV the learners were trained with")
+    p.add_argument("--ensemble", type=Path, default=None, help="FLANNEL weight-module bundle to report too")
     p.add_argument("--k", type=int, default=32, help="patches per film")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -113,7 +136,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = evaluate_learners(args.learners, args.packs, args.split, k=args.k, seed=args.seed, device=args.device,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, ensemble_dir=args.ensemble)
     table = markdown_table(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -13,6 +13,10 @@ as a bundle (``bundle/``); training stops early after ``--patience`` epochs with
 improvement. The full training state is checkpointed every epoch; re-running the same
 command resumes exactly.
 
+``--input whole_image`` trains the same backbone on the whole, unmasked film letterboxed
+to ``--patch-size`` pixels (a baseline; ``--image-roots`` gives each pack's image folder),
+with the same augmentation, optimiser and model selection.
+
 Patients are split train/val/test by ``patient_id`` only (stratified by source and
 label; ``split.csv``), or ``--split`` reuses a split. Labels outside the four classes
 (``other_pneumonia``) never enter training or model selection.
@@ -36,6 +40,7 @@ from ..cv import read_split, split_patients, write_split
 from ..metrics import classification_report
 from ..patches import extract_patches, sample_centres
 from ..training import (
+    autocast,
     intensity_jitter,
     optimization_step,
     random_affine,
@@ -44,7 +49,7 @@ from ..training import (
     save_training_state,
 )
 from .bundle import save_learner
-from .data import MaskedSet, load_masked_set, read_rows
+from .data import MaskedSet, load_masked_set, load_whole_image_set, read_rows
 from .engine import PatchEngine
 from .registry import CLASSES, Normalization, create_learner
 
@@ -56,6 +61,7 @@ class LearnerTrainConfig:
     """Everything that defines a patch-learner training run (saved in the checkpoint and bundle)."""
 
     learner: str = "efficientnet_lite0"
+    input: str = "patches"  # "patches" (lung patches of masked films) or "whole_image" (baseline)
     weights: str | None = None  # None, "imagenet" (installed package) or a local file
     freeze_fraction: float = 0.0  # first fraction of parameter tensors kept frozen (pretrained starts only)
     patch_size: int = 224
@@ -77,6 +83,26 @@ class LearnerTrainConfig:
     split_fractions: dict = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
     split_file: str | None = None
     normalization: Normalization = field(default_factory=Normalization)
+
+
+# The settings each member of the ``lite`` preset is trained with (weights/learners-lite/MODEL_CARD.md):
+# ImageNet-initialised EfficientNets fine-tune briefly with the input-side 30 % frozen, in float32
+# (bf16 is slower for depthwise convolutions on CPU); the random-init members need many more steps.
+_IMAGENET_RECIPE = {"weights": "imagenet", "freeze_fraction": 0.3, "amp": False, "lr": 1e-3, "epochs": 6,
+                    "patches_per_image": 1}
+RECIPES: dict[str, dict] = {
+    "efficientnet_lite0": _IMAGENET_RECIPE, "efficientnet_lite1": _IMAGENET_RECIPE,
+    "efficientnet_lite2": _IMAGENET_RECIPE,
+    "resnet18": {"lr": 3e-3, "epochs": 14, "patches_per_image": 4, "patience": 6},
+    "mobilenet_v3_small": {"amp": False, "lr": 3e-3, "epochs": 20, "patches_per_image": 4, "patience": 6},
+}
+
+
+def recipe_config(learner: str, **overrides) -> LearnerTrainConfig:
+    """The :data:`RECIPES` configuration of ``learner`` (defaults for others), batch 32, validation
+    K 8, with ``overrides`` applied last."""
+    return LearnerTrainConfig(**{"learner": learner, "batch_size": 32, "val_k": 8,
+                                 **RECIPES.get(learner, {}), **overrides})
 
 
 def make_split(rows: list[dict], cfg: LearnerTrainConfig) -> dict[str, str]:
@@ -106,8 +132,38 @@ def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, gene
     return extract_patches(data.images[indices][:, None], centres, size).float() / 255.0
 
 
+def draw_inputs(data: MaskedSet, indices: torch.Tensor, cfg: LearnerTrainConfig,
+                generator: torch.Generator) -> torch.Tensor:
+    """An augmented training batch in [0, 1]: ``patches_per_image`` lung patches per image, or
+    the whole images for ``cfg.input == "whole_image"``."""
+    if cfg.input == "whole_image":
+        (x,) = random_affine([data.images[indices][:, None].float() / 255.0], generator,
+                             max_rotation=cfg.max_rotation, scale_range=cfg.scale_range, max_translate=0.05)
+        return intensity_jitter(x, generator)
+    x = draw_patches(data, indices, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
+    return augment_patches(x, cfg, generator)
+
+
+@torch.inference_mode()
+def predict_whole_images(model: torch.nn.Module, images: torch.Tensor, normalization: Normalization, device,
+                         batch_size: int = 64) -> torch.Tensor:
+    """Softmax ``(N, C)`` of a whole-image model for ``(N, S, S)`` uint8 letterboxed films."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size, None].float().to(device) / 255.0
+        with autocast(device, True):
+            logits = model(((x - normalization.mean) / normalization.std).contiguous(memory_format=torch.channels_last))
+        out.append(logits.float().softmax(-1).cpu())
+    return torch.cat(out)
+
+
 def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, device, k: int) -> dict:
-    """Image-level report (mean softmax over ``k`` seeded patches) on the images with a class label."""
+    """Image-level report (mean softmax over ``k`` seeded patches, or the whole-image softmax)
+    on the images with a class label."""
+    if cfg.input == "whole_image":
+        pred = predict_whole_images(model, data.images, cfg.normalization, device).argmax(-1).numpy()
+        return classification_report(data.labels, pred)
     engine = PatchEngine({cfg.learner: model}, k=k, patch_size=cfg.patch_size, normalization=cfg.normalization,
                          device=device, amp=True, channels_last=cfg.channels_last, seed=cfg.seed,
                          min_lung_pixels=cfg.min_lung_pixels)
@@ -120,8 +176,16 @@ def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, d
 
 
 def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig, *, device="auto",
-          progress: bool = True, limit: int | None = None, max_epochs_this_run: int | None = None) -> dict:
-    """Train (or resume) one learner. Returns the history and the best validation macro-F1."""
+          progress: bool = True, limit: int | None = None, max_epochs_this_run: int | None = None,
+          image_roots: list[str | Path] | None = None) -> dict:
+    """Train (or resume) one learner. Returns the history and the best validation macro-F1.
+
+    ``image_roots`` (one folder per pack, for ``cfg.input == "whole_image"``) is where each
+    pack's relative ``input`` paths point."""
+    if cfg.input not in ("patches", "whole_image"):
+        raise ValueError(f"input must be 'patches' or 'whole_image', not {cfg.input!r}")
+    if cfg.input == "whole_image" and (image_roots is None or len(image_roots) != len(packs)):
+        raise ValueError("whole-image training needs one image folder per pack (image_roots)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -135,8 +199,13 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         rng = np.random.default_rng(cfg.seed)
         train_idx = sorted(rng.choice(train_idx, min(limit, len(train_idx)), replace=False).tolist())
         val_idx = sorted(rng.choice(val_idx, min(max(limit // 4, 8), len(val_idx)), replace=False).tolist())
-    train_set = load_masked_set([rows[i] for i in train_idx], progress=progress)
-    val_set = load_masked_set([rows[i] for i in val_idx], progress=progress)
+    if cfg.input == "whole_image":
+        roots = {str(p): r for p, r in zip(packs, image_roots)}
+        train_set = load_whole_image_set([rows[i] for i in train_idx], roots, cfg.patch_size, progress=progress)
+        val_set = load_whole_image_set([rows[i] for i in val_idx], roots, cfg.patch_size, progress=progress)
+    else:
+        train_set = load_masked_set([rows[i] for i in train_idx], progress=progress)
+        val_set = load_masked_set([rows[i] for i in val_idx], progress=progress)
     counts = np.bincount(train_set.labels, minlength=len(CLASSES)).astype(float)
     log.info("train %d images %s, val %d images", len(train_set), counts.astype(int).tolist(), len(val_set))
 
@@ -156,7 +225,8 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {cfg.optimizer!r}")
-    images_per_step = max(1, cfg.batch_size // cfg.patches_per_image)
+    per_image = 1 if cfg.input == "whole_image" else cfg.patches_per_image
+    images_per_step = max(1, cfg.batch_size // per_image)
     steps_per_epoch = math.ceil(len(train_set) / images_per_step)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.2)
@@ -195,9 +265,8 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = order[step * images_per_step:(step + 1) * images_per_step]
-            x = draw_patches(train_set, idx, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
-            x = augment_patches(x, cfg, generator)
-            y = torch.as_tensor(train_set.labels[idx.numpy()]).repeat_interleave(cfg.patches_per_image).to(device)
+            x = draw_inputs(train_set, idx, cfg, generator)
+            y = torch.as_tensor(train_set.labels[idx.numpy()]).repeat_interleave(per_image).to(device)
             losses.append(optimization_step(model, (x - cfg.normalization.mean) / cfg.normalization.std,
                                             lambda logits: F.cross_entropy(logits.float(), y, weight=loss_weight),
                                             optimizer, scheduler, device=device, amp=cfg.amp,
@@ -214,7 +283,8 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
             best, best_epoch = report["macro_f1"], epoch + 1
             save_learner(out_dir / "bundle", model, name=cfg.learner, patch_size=cfg.patch_size,
                          normalization=cfg.normalization,
-                         extra={"training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
+                         extra={"input": cfg.input,
+                                "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
         save_training_state(ckpt_path, model, optimizer, scheduler, epoch=epoch, best=best, best_epoch=best_epoch,
                             history=json.dumps(history))
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
@@ -228,6 +298,10 @@ def main(argv=None) -> None:
     d = LearnerTrainConfig
     p.add_argument("--packs", nargs="+", required=True, help="Stage 1 HDF5 packs with label/patient_id/source columns")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, split, history, bundle/")
+    p.add_argument("--input", choices=("patches", "whole_image"), default=d.input,
+                   help="lung patches (the method) or whole unmasked films (a baseline)")
+    p.add_argument("--image-roots", nargs="+", default=None,
+                   help="with --input whole_image: the folder of each pack's manifest (its relative image paths)")
     p.add_argument("--learner", default=d.learner, help="backbone name (see patchflannel.learners.create_learner)")
     p.add_argument("--weights", default=None, help="'imagenet' (installed weights package) or a local weights file")
     p.add_argument("--freeze-fraction", type=float, default=d.freeze_fraction,
@@ -251,12 +325,12 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = LearnerTrainConfig(learner=args.learner, weights=args.weights, freeze_fraction=args.freeze_fraction,
+    cfg = LearnerTrainConfig(learner=args.learner, input=args.input, weights=args.weights, freeze_fraction=args.freeze_fraction,
                              epochs=args.epochs, batch_size=args.batch_size, patches_per_image=args.patches_per_image,
                              optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, balance=args.balance, patience=args.patience,
                              val_k=args.val_k, amp=not args.no_amp, split_file=args.split)
     result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,
-                   max_epochs_this_run=args.max_epochs_this_run)
+                   max_epochs_this_run=args.max_epochs_this_run, image_roots=args.image_roots)
     print(json.dumps({"best_val_macro_f1": result["best_val_macro_f1"], "best_epoch": result["best_epoch"],
                       "epochs": len(result["history"])}))
 

@@ -1,0 +1,324 @@
+"""Patient-grouped five-fold cross-validation: patch learners, FLANNEL ensemble, whole-image baseline.
+
+    python benchmarks/cross_validation.py --packs runs/masked/cxr4.h5 runs/masked/adult.h5 \
+        --image-roots ../shared/data/cxr4 ../shared/data/adult --out runs/cv
+
+Folds are drawn once over every film of the packs by scikit-learn's ``StratifiedGroupKFold``
+(grouped by ``patient_id``, stratified by label, seeded) and written to ``folds.csv``;
+re-runs read it back and check that no patient crosses folds. For test fold ``f``:
+
+* fold ``f+1`` (mod n) is the validation fold, the other folds train;
+* every learner of ``--learners`` (default: the ``lite`` preset, each with its recipe from
+  :data:`patchflannel.learners.train.RECIPES`) trains on the training folds, with early
+  stopping on the validation fold;
+* the learners predict the validation and test films (K seeded lung patches each);
+* the FLANNEL weight module is fitted on the validation fold's predictions (out-of-fold for
+  every learner: stacking never sees predictions for films a learner trained on) and
+  applied to the test fold;
+* a whole-image baseline (the first learner's backbone on the unmasked film, no patches)
+  trains on the same folds.
+
+Films outside the four classes (adult ``other_pneumonia``) are never trained on; those of
+the test fold's patients are predicted to measure how often an abnormal adult film from
+another hospital is called covid.
+
+Everything is resumable: learners resume from their checkpoints, a finished fold
+(``foldN/result.json``) is skipped. ``--folds 0 1`` runs some folds (e.g. one per machine);
+the summary covers the folds finished so far. Output under ``--out``: ``summary.json``,
+``summary.md`` (the layout of the method's published table plus per-source and shortcut
+tables) and ``confusion.png`` / ``pr_curves.png``. ``--quick`` is a smoke run (few images,
+one epoch, K=4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import emit
+
+from patchflannel.cv import assign_folds, read_folds, write_folds, write_split
+from patchflannel.ensemble import (
+    WeightModuleConfig,
+    fit_weight_module,
+    save_weight_module,
+)
+from patchflannel.learners.bundle import load_learner
+from patchflannel.learners.data import load_whole_image_set, read_rows
+from patchflannel.learners.engine import PatchEngine
+from patchflannel.learners.evaluate import (
+    FLANNEL_ENSEMBLE,
+    MEAN_OF_LEARNERS,
+    predict_probs,
+    score,
+)
+from patchflannel.learners.registry import CLASSES, PRESETS, Normalization
+from patchflannel.learners.train import predict_whole_images, recipe_config, train
+from patchflannel.training import resolve_device
+
+log = logging.getLogger("cross_validation")
+WHOLE_IMAGE = "whole-image baseline"
+QUICK = {"train_limit": 48, "eval_limit": 24, "epochs": 1, "k": 4, "weight_steps": 50}
+
+
+def film_id(row: dict) -> str:
+    return f"{Path(row['pack']).name}:{row['index']}"
+
+
+def fold_assignment(rows: list[dict], out: Path, n_folds: int, seed: int) -> dict[str, int]:
+    """``{film_id: fold}``, drawn once and written to ``folds.csv``, then read back from it."""
+    path = out / "folds.csv"
+    if not path.exists():
+        folds = assign_folds(rows, n_folds, seed=seed)
+        table = [{**r, "film": film_id(r)} for r in rows]
+        write_folds(table, folds, path, columns=("film", "input", "patient_id", "label", "source"))
+    by_film = {r["film"]: r["fold"] for r in read_folds(path)}
+    missing = [film_id(r) for r in rows if film_id(r) not in by_film]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} films of the packs (e.g. {missing[:3]}); "
+                         "use a new --out folder for a different data set")
+    return by_film
+
+
+def subsample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    if n is None or len(rows) <= n:
+        return rows
+    keep = np.random.default_rng(seed).choice(len(rows), n, replace=False)
+    return [rows[i] for i in sorted(keep)]
+
+
+def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: dict | None) -> dict:
+    """Train, predict and score one test fold; results cached in ``foldN/result.json``."""
+    fold_dir = args.out / f"fold{fold}"
+    result_path = fold_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    val_fold = (fold + 1) % args.n_folds
+    role = {r["patient_id"]: "test" if folds[film_id(r)] == fold else "val" if folds[film_id(r)] == val_fold
+            else "train" for r in rows}
+    write_split(role, fold_dir / "split.csv")
+    overrides = {"seed": args.seed, "split_file": str(fold_dir / "split.csv")}
+    if quick:
+        overrides.update(epochs=quick["epochs"], val_k=2)
+    limit = quick["train_limit"] if quick else None
+    t0 = time.perf_counter()
+    train_time = {}
+    for name in args.learners:
+        t = time.perf_counter()
+        log.info("fold %d: training %s", fold, name)
+        train(args.packs, fold_dir / name, recipe_config(name, **overrides), device=args.device,
+              progress=args.progress, limit=limit)
+        train_time[name] = round(time.perf_counter() - t, 1)
+    baseline = args.learners[0]
+    t = time.perf_counter()
+    log.info("fold %d: training the whole-image %s baseline", fold, baseline)
+    train(args.packs, fold_dir / "whole_image", recipe_config(baseline, input="whole_image", **overrides),
+          device=args.device, progress=args.progress, limit=limit, image_roots=args.image_roots)
+    train_time[WHOLE_IMAGE] = round(time.perf_counter() - t, 1)
+
+    # Films to predict: labelled validation films (the stacking set), labelled test films, and
+    # the test patients' films outside the four classes (never trained on).
+    eval_limit = quick["eval_limit"] if quick else None
+    val = subsample([r for r in rows if role[r["patient_id"]] == "val" and r["label"] in CLASSES], eval_limit, fold)
+    test = subsample([r for r in rows if role[r["patient_id"]] == "test" and r["label"] in CLASSES], eval_limit, fold)
+    external = subsample([r for r in rows if role[r["patient_id"]] == "test" and r["label"] not in CLASSES],
+                         eval_limit, fold)
+    k = quick["k"] if quick else args.k
+    learners, configs = {}, {}
+    for name in args.learners:
+        learners[name], configs[name] = load_learner(fold_dir / name / "bundle")
+    engine = PatchEngine(learners, k=k, normalization=Normalization(**configs[baseline]["normalization"]),
+                         device=args.device, seed=args.seed)
+    log.info("fold %d: predicting %d val, %d test, %d external films", fold, len(val), len(test), len(external))
+    probs = predict_probs(engine, val + test + external, progress=args.progress).numpy()
+    val_probs, test_probs, ext_probs = np.split(probs, [len(val), len(val) + len(test)])
+    val_labels = np.asarray([CLASSES.index(r["label"]) for r in val])
+
+    weight_cfg = WeightModuleConfig(seed=args.seed, steps=quick["weight_steps"] if quick else WeightModuleConfig.steps)
+    module = fit_weight_module(val_probs, val_labels, weight_cfg)
+    save_weight_module(fold_dir / "ensemble", module, learners=list(learners), classes=list(CLASSES), config=weight_cfg)
+    with torch.no_grad():
+        combine = lambda p: module(torch.as_tensor(p)).softmax(-1).numpy()
+        flannel_test, flannel_ext = combine(test_probs), combine(ext_probs) if len(external) else ext_probs[:, 0]
+
+    whole_model, whole_cfg = load_learner(fold_dir / "whole_image" / "bundle")
+    device = resolve_device(args.device)
+    roots = {str(p): r for p, r in zip(args.packs, args.image_roots)}
+    norm = Normalization(**whole_cfg["normalization"])
+
+    def whole(rs):
+        if not rs:
+            return np.zeros((0, len(CLASSES)), np.float32)
+        images = load_whole_image_set(rs, roots, whole_cfg["patch_size"], progress=False).images
+        return predict_whole_images(whole_model.to(device), images, norm, device).numpy()
+
+    models = {name: (test_probs[:, j], ext_probs[:, j]) for j, name in enumerate(learners)}
+    models[MEAN_OF_LEARNERS] = (test_probs.mean(1), ext_probs.mean(1))
+    models[FLANNEL_ENSEMBLE] = (flannel_test, flannel_ext)
+    models[WHOLE_IMAGE] = (whole(test), whole(external))
+    result = {
+        "fold": fold, "val_fold": val_fold, "k": k, "quick": bool(quick),
+        "n": {"train_patients": sum(v == "train" for v in role.values()), "val": len(val), "test": len(test),
+              "external": len(external)},
+        "train_seconds": train_time, "fold_seconds": round(time.perf_counter() - t0, 1),
+        "models": {name: score(test, p, e if len(external) else None) for name, (p, e) in models.items()},
+        "learner_weights_mean": module.learner_weights(torch.as_tensor(test_probs)).mean(0).tolist(),
+    }
+    np.savez(fold_dir / "test_predictions.npz", films=np.asarray([film_id(r) for r in test]),
+             labels=np.asarray([CLASSES.index(r["label"]) for r in test]),
+             sources=np.asarray([r["source"] for r in test]),
+             **{name.replace(" ", "_"): p for name, (p, _) in models.items()})
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def summarise(results: list[dict]) -> dict:
+    """Mean and standard deviation over folds of each model's per-class F1, macro-F1, accuracy,
+    COVID sensitivity/specificity, ROC-/PR-AUC; per-source macro-F1; summed confusion matrices."""
+    names = list(results[0]["models"])
+    summary = {"folds": [r["fold"] for r in results], "models": {}}
+
+    def stat(values):
+        values = np.asarray(values, dtype=float)
+        return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "per_fold": values.tolist()}
+
+    for name in names:
+        entries = [r["models"][name] for r in results]
+        sources = sorted({s for e in entries for s in e["by_source"]})
+        summary["models"][name] = {
+            "f1": {c: stat([e["per_class"][c]["f1"] for e in entries]) for c in CLASSES},
+            "macro_f1": stat([e["macro_f1"] for e in entries]),
+            "accuracy": stat([e["accuracy"] for e in entries]),
+            "covid_sensitivity": stat([e["covid_sensitivity"] for e in entries]),
+            "covid_specificity": stat([e["covid_specificity"] for e in entries]),
+            "roc_auc": {c: stat([e["ranking"][c]["roc_auc"] for e in entries]) for c in CLASSES},
+            "pr_auc": {c: stat([e["ranking"][c]["pr_auc"] for e in entries]) for c in CLASSES},
+            "macro_f1_by_source": {s: stat([e["by_source"][s]["macro_f1_present"] for e in entries
+                                            if s in e["by_source"]]) for s in sources},
+            "adult_normal_called_covid": stat([e["adult_normal_called"]["covid"] for e in entries
+                                               if e["adult_normal_called"]]),
+            "other_pneumonia_called_covid": stat([e["external_other_pneumonia_called"]["covid"] for e in entries
+                                                  if e["external_other_pneumonia_called"]]),
+            "confusion_matrix": np.sum([e["confusion_matrix"] for e in entries], 0).tolist(),
+        }
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    def ms(s):
+        return f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+    models = summary["models"]
+    lines = [f"Folds: {summary['folds']} (mean ± std over folds)", "",
+             "| model | covid F1 | viral F1 | bacterial F1 | normal F1 | macro-F1 |", "|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        lines.append(f"| {name} | " + " | ".join(ms(m["f1"][c]) for c in CLASSES) + f" | {ms(m['macro_f1'])} |")
+    lines += ["", "| model | accuracy | COVID sensitivity | COVID specificity | mean ROC-AUC | mean PR-AUC |",
+              "|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        roc = np.mean([m["roc_auc"][c]["mean"] for c in CLASSES])
+        pr = np.mean([m["pr_auc"][c]["mean"] for c in CLASSES])
+        lines.append(f"| {name} | {ms(m['accuracy'])} | {ms(m['covid_sensitivity'])} | "
+                     f"{ms(m['covid_specificity'])} | {roc:.3f} | {pr:.3f} |")
+    sources = sorted({s for m in models.values() for s in m["macro_f1_by_source"]})
+    lines += ["", "| model | " + " | ".join(f"macro-F1 {s}" for s in sources)
+              + " | NIH adult normal -> covid | adult other_pneumonia -> covid |",
+              "|---|" + "---|" * (len(sources) + 2)]
+    for name, m in models.items():
+        lines.append(f"| {name} | " + " | ".join(ms(m["macro_f1_by_source"][s]) for s in sources)
+                     + f" | {m['adult_normal_called_covid']['mean']:.1%} | {m['other_pneumonia_called_covid']['mean']:.1%} |")
+    return "\n".join(lines)
+
+
+def plots(summary: dict, out: Path) -> list[str]:
+    """Confusion matrices (summed over folds) and pooled precision-recall curves, as PNGs."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    names = list(summary["models"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4))
+    for ax, name in zip(np.atleast_1d(axes), names):
+        cm = np.asarray(summary["models"][name]["confusion_matrix"])
+        ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, fontsize=7)
+        ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("predicted", fontsize=7)
+    np.atleast_1d(axes)[0].set_ylabel("true", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=110)
+    plt.close(fig)
+
+    pooled = [np.load(p) for p in sorted(out.glob("fold*/test_predictions.npz"))
+              if int(p.parent.name.removeprefix("fold")) in summary["folds"]]
+    labels = np.concatenate([z["labels"] for z in pooled])
+    fig, axes = plt.subplots(1, len(CLASSES), figsize=(4 * len(CLASSES), 3.6))
+    for c, ax in enumerate(axes):
+        for name in names:
+            scores = np.concatenate([z[name.replace(" ", "_")] for z in pooled])[:, c]
+            precision, recall, _ = precision_recall_curve(labels == c, scores)
+            ax.plot(recall, precision, label=name, lw=1.5 if name in (FLANNEL_ENSEMBLE, WHOLE_IMAGE) else 0.8)
+        ax.set_title(f"{CLASSES[c]} (pooled over folds)", fontsize=9)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_ylim(0, 1.02)
+    axes[-1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out / "pr_curves.png", dpi=110)
+    plt.close(fig)
+    return ["confusion.png", "pr_curves.png"]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--packs", nargs="+", type=Path, required=True)
+    p.add_argument("--image-roots", nargs="+", type=Path, required=True,
+                   help="each pack's manifest folder (the whole-image baseline reads the original films)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--learners", nargs="+", default=list(PRESETS["lite"]))
+    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--folds", nargs="+", type=int, default=None, help="test folds to run (default: all)")
+    p.add_argument("--k", type=int, default=32, help="patches per film at prediction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="smoke run: few images, one epoch, K=4")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if len(args.image_roots) != len(args.packs):
+        p.error("give one --image-roots folder per pack")
+    args.packs = [str(x) for x in args.packs]
+    args.progress = not args.no_progress
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(args.packs)
+    folds = fold_assignment(rows, args.out, args.n_folds, args.seed)
+    results = [run_fold(f, rows, folds, args, QUICK if args.quick else None)
+               for f in (args.folds if args.folds is not None else range(args.n_folds))]
+    done = sorted(args.out.glob("fold*/result.json"))
+    summary = summarise([json.loads(path.read_text()) for path in done] or results)
+    summary.update({"command": " ".join(sys.argv), "learners": args.learners, "n_folds": args.n_folds,
+                    "quick": args.quick})
+    summary["plots"] = plots(summary, args.out)
+    (args.out / "summary.md").write_text(markdown(summary) + "\n")
+    print(markdown(summary))
+    return emit(summary, args.out / "summary.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The five-fold benchmark's protocol on a small real set: folds, stacking on out-of-fold
+predictions, the whole-image baseline, reports, and resuming a finished fold."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from patchflannel.cv import read_folds
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_validation.py"
+
+
+@pytest.fixture(scope="module")
+def cross_validation():
+    spec = importlib.util.spec_from_file_location("cross_validation", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_fold_trains_stacks_on_validation_predictions_and_resumes(cross_validation, packs, tmp_path):
+    out = tmp_path / "cv"
+    argv = ["--packs", *map(str, packs), "--image-roots", *(str(p.with_suffix("")) for p in packs),
+            "--out", str(out), "--n-folds", "3", "--folds", "0", "--learners", "resnet18", "mobilenet_v3_small",
+            "--quick", "--no-progress"]
+    summary = cross_validation.main(argv)
+
+    folds = read_folds(out / "folds.csv")  # also checks that no patient crosses folds
+    assert {r["fold"] for r in folds} == {0, 1, 2}
+    with open(out / "fold0" / "split.csv") as f:
+        role = {r["patient_id"]: r["split"] for r in csv.DictReader(f)}
+    for r in folds:  # test fold 0, validation fold 1 (the stacking set), the rest train
+        assert role[r["patient_id"]] == {0: "test", 1: "val", 2: "train"}[r["fold"]]
+
+    result = json.loads((out / "fold0" / "result.json").read_text())
+    names = ["resnet18", "mobilenet_v3_small", "mean of learners", "FLANNEL ensemble", "whole-image baseline"]
+    assert list(result["models"]) == names
+    test_films = sum(r["fold"] == 0 and r["label"] != "other_pneumonia" for r in folds)
+    assert result["n"]["test"] == min(test_films, cross_validation.QUICK["eval_limit"])
+    for entry in result["models"].values():
+        assert sum(map(sum, entry["confusion_matrix"])) == result["n"]["test"]
+    ensemble = json.loads((out / "fold0" / "ensemble" / "config.json").read_text())
+    assert ensemble["learners"] == ["resnet18", "mobilenet_v3_small"]
+    assert json.loads((out / "fold0" / "whole_image" / "bundle" / "config.json").read_text())["input"] == "whole_image"
+
+    assert summary["folds"] == [0] and list(summary["models"]) == names
+    table = (out / "summary.md").read_text()
+    assert "| FLANNEL ensemble |" in table and "| whole-image baseline |" in table
+    assert (out / "confusion.png").stat().st_size > 0 and (out / "pr_curves.png").stat().st_size > 0
+
+    mtime = (out / "fold0" / "result.json").stat().st_mtime_ns
+    again = cross_validation.main(argv)  # a finished fold is read back, not recomputed
+    assert (out / "fold0" / "result.json").stat().st_mtime_ns == mtime
+    assert again["models"]["FLANNEL ensemble"]["macro_f1"] == summary["models"]["FLANNEL ensemble"]["macro_f1"]
