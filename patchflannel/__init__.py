@@ -3,7 +3,8 @@
 Stage 1 (lung segmentation, masked stores) lives in :mod:`patchflannel.segment` and
 :mod:`patchflannel.store`; image decoding in :mod:`patchflannel.io`. Stage 2 (patch
 learners, batched patch inference) in :mod:`patchflannel.learners`; the FLANNEL weight
-module and focal loss in :mod:`patchflannel.ensemble`.
+module and focal loss in :mod:`patchflannel.ensemble`. :class:`Pipeline` runs all of it on
+image files or arrays (``python -m patchflannel.predict`` over folders).
 """
 from .errors import (
     DataNotFoundError,
@@ -18,11 +19,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "FocalLoss": "ensemble", "FlannelWeightModule": "ensemble",
     "PatchEngine": "learners", "create_learner": "learners",
+    "Pipeline": "pipeline", "Prediction": "pipeline",
 }
 
 __all__ = [
     "DataNotFoundError", "FlannelWeightModule", "FocalLoss", "InvalidImageError", "PatchEngine",
-    "PatchflannelError", "WeightsError", "__version__", "create_learner",
+    "PatchflannelError", "Pipeline", "Prediction", "WeightsError", "__version__", "create_learner",
 ]
 
 

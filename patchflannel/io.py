@@ -89,6 +89,15 @@ def to_grey_float(array: np.ndarray, name: str | os.PathLike | None = None) -> n
     return ((array_f - lo) / (hi - lo)).astype(np.float32)
 
 
+def as_grey_float(array: np.ndarray, name: str | os.PathLike | None = None) -> np.ndarray:
+    """``array`` itself when it is already a float32 2-D grey image in [0, 1] (what
+    :func:`load_image` returns), else :func:`to_grey_float` of it."""
+    if (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 2 and array.size
+            and bool(np.isfinite(array).all()) and float(array.min()) >= 0.0 and float(array.max()) <= 1.0):
+        return array
+    return to_grey_float(array, name)
+
+
 def _load_dicom(path: Path, limits: ImageLimits) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut

@@ -93,6 +93,16 @@ def test_resume_skips_finished_inputs(finished_run, input_folder, segmenter):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} == before
 
 
+def test_torn_summary_line_is_redone_and_recorded(input_folder, segmenter, tmp_path):
+    out = tmp_path / "out"
+    run_batch(input_folder, out, segmenter, progress=False, limit=3)
+    path = out / "summary.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed in the middle of a line
+    run_batch(input_folder, out, segmenter, progress=False, limit=3)
+    assert len(read_summary(out)) == 3  # the redone input's record starts on its own line
+
+
 def test_interrupted_write_leaves_no_partial_file(input_folder, segmenter, tmp_path, monkeypatch):
     from patchflannel import store
 

@@ -84,8 +84,12 @@ def output_path(out_dir: Path, name: str) -> Path:
 
 def read_summary(out_dir: Path) -> dict[str, dict]:
     """Last record per input name from ``summary.jsonl`` (a torn last line is ignored)."""
+    return read_records(out_dir / SUMMARY_JSONL)
+
+
+def read_records(path: Path) -> dict[str, dict]:
+    """Last record per ``input`` of a JSON-lines log (a torn last line is ignored)."""
     records = {}
-    path = out_dir / SUMMARY_JSONL
     if path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -94,6 +98,14 @@ def read_summary(out_dir: Path) -> dict[str, dict]:
                 continue
             records[rec["input"]] = rec
     return records
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a run killed mid-write) so appended records start on a new line."""
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            os.truncate(path, data.rfind(b"\n") + 1)
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:
@@ -149,6 +161,7 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
                          keep_unmasked=keep_unmasked)
         return {**rec, "status": "ok", "output": out.relative_to(out_dir.resolve()).as_posix()}
 
+    drop_torn_tail(out_dir / SUMMARY_JSONL)
     summary = open(out_dir / SUMMARY_JSONL, "a")
 
     def record(rec: dict) -> None:

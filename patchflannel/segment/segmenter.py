@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import WeightsError
-from ..io import to_grey_float
+from ..io import as_grey_float
 from ..preprocess import Letterbox, SegmenterPreprocess, resize
 from ..training import autocast, resolve_device
 from .bundle import load_bundle
@@ -28,12 +28,6 @@ def default_bundle_path() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2] / "weights" / DEFAULT_BUNDLE
-
-
-def _is_unit_grey(image: np.ndarray) -> bool:
-    """Already what the segmenter takes: float32, 2-D, finite, within [0, 1]."""
-    return (image.dtype == np.float32 and image.ndim == 2 and bool(np.isfinite(image).all())
-            and float(image.min()) >= 0.0 and float(image.max()) <= 1.0)
 
 
 @dataclass(frozen=True)
@@ -160,7 +154,7 @@ class Segmenter:
 
     def segment_batch(self, images: Sequence[np.ndarray], **kwargs) -> list[Segmentation]:
         """Segment several float grey images (any sizes) in batched forward passes."""
-        images = [im if _is_unit_grey(im) else to_grey_float(im) for im in images]
+        images = [as_grey_float(im) for im in images]
         probs = self.probabilities([self.network_input(im) for im in images])
         return [self.finish(im, p, **kwargs) for im, p in zip(images, probs)]
 

@@ -1,0 +1,191 @@
+"""The whole method in one object: decode -> lung mask -> K lung patches -> learners -> FLANNEL.
+
+Example:
+    >>> from patchflannel import Pipeline
+    >>> pipe = Pipeline.from_weights()                       # the shipped bundles, offline  # doctest: +SKIP
+    >>> pred = pipe.predict("chest.png")                                                      # doctest: +SKIP
+    >>> pred.label, pred.probabilities["covid"], pred.rejection                               # doctest: +SKIP
+    ('normal', 0.03, None)
+    >>> preds = pipe.predict(["a.png", "b.dcm", array])      # batched                        # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InvalidImageError, WeightsError
+from .io import as_grey_float, load_image
+from .learners.bundle import DEFAULT_LEARNERS, load_learner_set
+from .learners.engine import PatchEngine
+from .learners.evaluate import FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
+from .learners.registry import CLASSES, Normalization
+from .segment.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_ENSEMBLE = WEIGHTS / "ensemble-lite"
+
+
+@dataclass
+class Prediction:
+    """One input's result.
+
+    Attributes:
+        source: the file path, or ``"array[i]"`` for arrays.
+        label: the predicted class, ``None`` when rejected.
+        probabilities: ``{class: p}`` of the combined prediction (``None`` when rejected).
+        combiner: ``"FLANNEL ensemble"`` or ``"mean of learners"`` (no weight module loaded).
+        learners: per learner, ``{"probabilities": {...}, "votes": {...}, "label": ...}``: the
+            mean softmax over the K patches, the fraction of patches voting each class and the
+            majority vote.
+        learner_weights: the weight module's weight per learner for this input.
+        rejection: why the input was not classified (unreadable file, no plausible lungs...).
+        lung_fraction: fraction of the image covered by the lung mask.
+        mask: the lung mask on the letterboxed working grid (not in :meth:`to_dict`).
+        centres: ``(K, 2)`` patch centres on the working grid (not in :meth:`to_dict`).
+    """
+
+    source: str
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    combiner: str | None = None
+    learners: dict[str, dict] = field(default_factory=dict)
+    learner_weights: dict[str, float] | None = None
+    rejection: str | None = None
+    lung_fraction: float | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)
+    centres: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.rejection is None
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (no arrays)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("mask", "centres")}
+
+
+class Pipeline:
+    """Segmenter + patch learners + (optional) FLANNEL weight module, batched end to end.
+
+    Args:
+        segmenter: a :class:`~patchflannel.segment.Segmenter` (its working size is the patch grid).
+        learners: ``{name: module}`` patch learners sharing ``patch_size`` and ``normalization``.
+        weight_module: a fitted :class:`~patchflannel.ensemble.FlannelWeightModule` over the
+            learners in this order; ``None`` combines by the plain mean of the learners.
+        k: patches per image (the method uses 100).
+        seed: base seed of the per-image patch sampling (same input, same output).
+        batch_size: images decoded, segmented and classified together.
+        device: ``"auto"`` (cuda when present), ``"cpu"``, ...
+        progress: show a progress bar over batches.
+    """
+
+    def __init__(self, segmenter: Segmenter, learners: Mapping[str, torch.nn.Module], *, weight_module=None,
+                 patch_size: int = 224, normalization: Normalization | None = None, k: int = 100, seed: int = 0,
+                 batch_size: int = 8, device="auto", amp: bool = True, progress: bool = False):
+        if weight_module is not None and weight_module.num_learners != len(learners):
+            raise ValueError(f"weight module combines {weight_module.num_learners} learners, got {len(learners)}")
+        self.segmenter = segmenter
+        self.engine = PatchEngine(learners, k=k, patch_size=patch_size, normalization=normalization, device=device,
+                                  amp=amp, seed=seed)
+        self.weight_module = None if weight_module is None else weight_module.eval().cpu()
+        self.batch_size, self.progress = batch_size, progress
+
+    @classmethod
+    def from_weights(cls, segmenter: str | os.PathLike | None = None, learners: str | os.PathLike | None = None,
+                     ensemble: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
+        """Load bundles (defaults: the shipped ``weights/segmenter-fcdensenet-lite``,
+        ``weights/learners-lite`` and, when present, ``weights/ensemble-lite``). Nothing is
+        downloaded; a missing or corrupt bundle raises :class:`~patchflannel.WeightsError`."""
+        from .ensemble import load_weight_module
+
+        seg = Segmenter.from_bundle(segmenter, device=device)
+        models, shared = load_learner_set(learners or DEFAULT_LEARNERS)
+        module = None
+        ensemble_dir = Path(ensemble) if ensemble is not None else DEFAULT_ENSEMBLE
+        if ensemble is not None or DEFAULT_ENSEMBLE.is_dir():
+            module, config = load_weight_module(ensemble_dir)
+            if config["learners"] != list(models):
+                raise WeightsError(f"{ensemble_dir} combines {config['learners']} but the learner set holds "
+                                   f"{list(models)}; pass the learner folder it was fitted for")
+        else:
+            log.warning("no FLANNEL weight module at %s: combining learners by their mean", DEFAULT_ENSEMBLE)
+        return cls(seg, models, weight_module=module, patch_size=shared["patch_size"],
+                   normalization=Normalization(**shared["normalization"]), device=device, **kwargs)
+
+    @property
+    def learner_names(self) -> list[str]:
+        return self.engine.names
+
+    def predict(self, inputs, *, progress: bool | None = None) -> Prediction | list[Prediction]:
+        """Classify one input (path or grey/RGB array) or a sequence of them.
+
+        Unreadable files and images without plausible lungs come back as predictions with a
+        ``rejection`` (never an exception), so one bad input never stops a batch.
+        """
+        single = isinstance(inputs, (str, os.PathLike, np.ndarray))
+        items = [inputs] if single else list(inputs)
+        out: list[Prediction] = []
+        show = self.progress if progress is None else progress
+        for start in tqdm(range(0, len(items), self.batch_size), desc="predicting", disable=not show, leave=False):
+            out += self._predict_batch(items[start:start + self.batch_size], start)
+        return out[0] if single else out
+
+    def _predict_batch(self, items: Sequence, offset: int) -> list[Prediction]:
+        preds, images = [], []
+        for i, item in enumerate(items):
+            name = str(item) if isinstance(item, (str, os.PathLike)) else f"array[{offset + i}]"
+            pred = Prediction(source=name)
+            try:
+                images.append(load_image(item) if isinstance(item, (str, os.PathLike)) else as_grey_float(item))
+            except InvalidImageError as exc:
+                pred.rejection = str(exc)
+                images.append(None)
+            preds.append(pred)
+        readable = [i for i, im in enumerate(images) if im is not None]
+        segs = self.segmenter.segment_batch([images[i] for i in readable], original_mask=False) if readable else []
+        todo = []
+        for i, seg in zip(readable, segs):
+            preds[i].lung_fraction, preds[i].mask = seg.lung_fraction, seg.working_mask
+            if seg.rejection:
+                preds[i].rejection = seg.rejection
+            else:
+                todo.append((i, seg))
+        if not todo:
+            return preds
+        result = self.engine.predict(np.stack([s.working_image for _, s in todo]),
+                                     np.stack([s.working_mask for _, s in todo]))
+        probs = result.probs  # (n, L, C); NaN rows for images the engine rejected
+        weights = combined = None
+        if self.weight_module is not None:
+            valid = ~torch.isnan(probs).flatten(1).any(1)
+            combined = torch.full(probs[:, 0].shape, float("nan"))
+            weights = torch.full(probs[:, :, 0].shape, float("nan"))
+            with torch.no_grad():
+                combined[valid] = self.weight_module(probs[valid]).softmax(-1)
+                weights[valid] = self.weight_module.learner_weights(probs[valid])
+        for j, (i, _) in enumerate(todo):
+            pred = preds[i]
+            if result.rejected[j]:
+                pred.rejection = result.rejected[j]
+                continue
+            p = combined[j] if combined is not None else probs[j].mean(0)
+            pred.combiner = FLANNEL_ENSEMBLE if combined is not None else MEAN_OF_LEARNERS
+            pred.probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}
+            pred.label = CLASSES[int(p.argmax())]
+            pred.learners = {name: {"probabilities": {c: round(float(v), 6) for c, v in zip(CLASSES, probs[j, li])},
+                                    "votes": {c: round(float(v), 4) for c, v in zip(CLASSES, result.votes[j, li])},
+                                    "label": CLASSES[int(result.labels[j, li])]}
+                             for li, name in enumerate(self.learner_names)}
+            if weights is not None:
+                pred.learner_weights = {n: round(float(w), 6) for n, w in zip(self.learner_names, weights[j])}
+            pred.centres = result.centres[j].numpy()
+        return preds

@@ -1,0 +1,116 @@
+"""Batch prediction: ``python -m patchflannel.predict INPUT --out FOLDER``.
+
+INPUT is a folder of images (searched recursively), a manifest CSV with an ``image`` column
+(paths relative to the CSV), or one image file. Every input gets one line in
+``FOLDER/predictions.jsonl`` as its batch finishes (label, probabilities, per-learner
+probabilities and patch votes, or the reason it was rejected), so a killed job loses at most
+one batch and a rerun skips what is done. ``FOLDER/predictions.csv`` (one row per input, the
+manifest's other columns kept) is rewritten atomically at the end. The exit code is non-zero
+only when nothing could be classified.
+
+    python -m patchflannel.predict ../shared/data/cxr4/manifest.csv --out runs/predict --k 100
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .errors import PatchflannelError
+from .learners.registry import CLASSES
+from .segment.batch import BatchInput, collect_inputs, drop_torn_tail, read_records
+from .training import atomic_write
+
+log = logging.getLogger(__name__)
+JSONL, CSV = "predictions.jsonl", "predictions.csv"
+
+
+def record_for(item: BatchInput, pred) -> dict:
+    return {"input": item.name, "path": str(item.path), **item.columns,
+            "status": "ok" if pred.ok else "rejected", **pred.to_dict()}
+
+
+def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, progress: bool = True) -> dict:
+    """Predict every input of ``source`` not yet in ``out_dir``; returns counts by status."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = collect_inputs(source) if not Path(source).is_file() or Path(source).suffix.lower() == ".csv" else \
+        [BatchInput(Path(source), Path(source).name)]
+    done = read_records(out_dir / JSONL)
+    drop_torn_tail(out_dir / JSONL)
+    todo = [it for it in items if it.name not in done]
+    log.info("%d inputs, %d already done", len(items), len(items) - len(todo))
+    with open(out_dir / JSONL, "a") as sink:
+        for start in tqdm(range(0, len(todo), batch_size), desc="predicting", disable=not progress):
+            batch = todo[start:start + batch_size]
+            try:
+                records = [record_for(it, p) for it, p in zip(batch, pipeline.predict([it.path for it in batch]))]
+            except Exception:  # one bad input must not take its batch down: retry one by one
+                records = []
+                for it in batch:
+                    try:
+                        records.append(record_for(it, pipeline.predict(it.path)))
+                    except Exception as exc:
+                        log.exception("failed on %s", it.path)
+                        records.append({"input": it.name, "path": str(it.path), **it.columns, "status": "error",
+                                        "rejection": f"{type(exc).__name__}: {exc}"})
+            sink.write("".join(json.dumps(r) + "\n" for r in records))
+            sink.flush()
+            done.update({r["input"]: r for r in records})
+    write_csv(out_dir, [done[it.name] for it in items if it.name in done])
+    counts = {s: sum(done[it.name]["status"] == s for it in items if it.name in done) for s in ("ok", "rejected", "error")}
+    return {"inputs": len(items), **counts}
+
+
+def write_csv(out_dir: Path, records: list[dict]) -> None:
+    extra = sorted({k for r in records for k in r} - {"input", "path", "status", "label", "probabilities", "combiner",
+                                                       "learners", "learner_weights", "rejection", "lung_fraction",
+                                                       "source"})
+    fields = ["input", "path", *extra, "status", "label", *[f"p_{c}" for c in CLASSES], "combiner", "lung_fraction",
+              "rejection"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in records:
+        probs = r.get("probabilities") or {}
+        writer.writerow({**r, **{f"p_{c}": probs.get(c, "") for c in CLASSES}})
+    atomic_write(out_dir / CSV, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m patchflannel.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="folder of images, manifest CSV (image column) or one image file")
+    p.add_argument("--out", type=Path, required=True, help="output folder (predictions.jsonl, predictions.csv)")
+    p.add_argument("--segmenter", default=None, help="segmenter bundle (default: the shipped one)")
+    p.add_argument("--learners", default=None, help="folder of learner bundles (default: weights/learners-lite)")
+    p.add_argument("--ensemble", default=None, help="FLANNEL weight-module bundle (default: weights/ensemble-lite)")
+    p.add_argument("--k", type=int, default=100, help="patches per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from .pipeline import Pipeline
+
+    try:
+        pipeline = Pipeline.from_weights(args.segmenter, args.learners, args.ensemble, device=args.device, k=args.k,
+                                         seed=args.seed, batch_size=args.batch_size)
+        counts = run_predict(args.input, args.out, pipeline, batch_size=args.batch_size,
+                             progress=not args.no_progress)
+    except PatchflannelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    return 0 if counts["ok"] or not counts["inputs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Pipeline and the predict batch job, end to end on real films with the shipped bundles."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from patchflannel import Pipeline, Prediction
+from patchflannel.learners import CLASSES
+
+K = 4  # patches per film: enough to exercise every stage, cheap on CPU
+
+
+@pytest.fixture(scope="module")
+def films(cxr4_rows):
+    """Two films of each class."""
+    picked = []
+    for label in CLASSES:
+        picked += [r["image"] for r in cxr4_rows if r["label"] == label][:2]
+    return picked
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return Pipeline.from_weights(device="cpu", k=K, ensemble=None)
+
+
+def test_predicts_files_and_arrays_reproducibly(pipeline, films):
+    from patchflannel.io import load_image
+
+    preds = pipeline.predict(films)
+    assert len(preds) == len(films) and all(isinstance(p, Prediction) and p.ok for p in preds)
+    for p in preds:
+        assert p.label in CLASSES and sum(p.probabilities.values()) == pytest.approx(1, abs=1e-4)
+        assert list(p.learners) == pipeline.learner_names
+        for learner in p.learners.values():
+            assert sum(learner["votes"].values()) == pytest.approx(1)
+        assert p.centres.shape == (K, 2) and p.mask[tuple(p.centres.T)].all()  # every centre in the lung
+    single = pipeline.predict(films[0])
+    array = pipeline.predict(load_image(films[0]))
+    assert single.probabilities == preds[0].probabilities == array.probabilities  # seeded by content
+    assert json.loads(json.dumps(single.to_dict()))["label"] == single.label
+
+
+def test_bad_inputs_are_rejections_not_exceptions(pipeline, films, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(open(films[0], "rb").read()[:200])
+    blank = np.zeros((600, 500), dtype=np.uint8)  # a readable image without lungs
+    preds = pipeline.predict([broken, films[0], blank, tmp_path / "missing.png"])
+    assert [p.ok for p in preds] == [False, True, False, False]
+    assert "broken.png" in preds[0].rejection and "lungs" in preds[2].rejection
+    assert "does not exist" in preds[3].rejection and preds[3].label is None
+
+
+def test_weight_module_combines_the_learners(pipeline, films, tmp_path):
+    from patchflannel.ensemble import fit_weight_module, save_weight_module
+
+    probs = torch.softmax(torch.randn(64, len(pipeline.learner_names), 4, generator=torch.Generator().manual_seed(0)), -1)
+    module = fit_weight_module(probs, probs[:, 0].argmax(-1))
+    save_weight_module(tmp_path / "ens", module, learners=pipeline.learner_names, classes=list(CLASSES))
+    combined = Pipeline.from_weights(device="cpu", k=K, ensemble=tmp_path / "ens")
+    pred = combined.predict(films[0])
+    assert pred.combiner == "FLANNEL ensemble" and set(pred.learner_weights) == set(pipeline.learner_names)
+    learner_probs = torch.tensor([[v["probabilities"][c] for c in CLASSES] for v in pred.learners.values()])
+    expected = module(learner_probs[None]).softmax(-1)[0]
+    assert [pred.probabilities[c] for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-4)
+    save_weight_module(tmp_path / "ens3", fit_weight_module(probs[:, :2], probs[:, 0].argmax(-1)),
+                       learners=pipeline.learner_names[:2], classes=list(CLASSES))
+    from patchflannel import WeightsError
+
+    with pytest.raises(WeightsError, match="combines"):
+        Pipeline.from_weights(device="cpu", ensemble=tmp_path / "ens3")
+
+
+def test_predict_job_records_every_input_and_resumes(pipeline, films, tmp_path):
+    from patchflannel.predict import JSONL, run_predict
+    from patchflannel.segment.batch import read_records
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in films[:3]:
+        shutil.copy(f, folder)
+    (folder / "zero.png").write_bytes(b"")
+    out = tmp_path / "out"
+    counts = run_predict(folder, out, pipeline, batch_size=2, progress=False)
+    assert counts == {"inputs": 4, "ok": 3, "rejected": 1, "error": 0}
+    lines = (out / JSONL).read_text().splitlines()
+    assert len(lines) == 4
+    # A killed run leaves a torn last line; the rerun ignores it, redoes that input only.
+    (out / JSONL).write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
+    again = run_predict(folder, out, pipeline, batch_size=2, progress=False)
+    assert again == counts
+    assert len(read_records(out / JSONL)) == 4
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("input,path")
