@@ -1,17 +1,18 @@
-"""``make demo``: segment a sample of cxr4 with the shipped segmenter, classify it with the
-shipped patch learners, and draw a contact sheet.
+"""``make demo``: the whole pipeline on a sample of cxr4, with a report a person can read.
 
     python -m patchflannel.demo --data ../shared/data --out demo_out
 
-Writes ``demo_out/masked/`` (one masked ``.npz`` per image, summary.csv, an HDF5 pack),
-``demo_out/predictions.csv`` (per film: label, source, the patient's split in the shipped
-learners' training, and the mean of the learners' patch probabilities) and
-``demo_out/contact_sheet.png`` (each film with its lung outline, label, source and prediction).
+Runs the Stage 1 batch job on the sample (``demo_out/masked/``: one masked ``.npz`` per film,
+summary.csv, an HDF5 pack), then the shipped pipeline bundle (segmenter, patch learners,
+FLANNEL weight module) through the predict job's record format (``demo_out/predictions/predictions.csv``), and writes ``demo_out/report.html`` (per film: the image with its lung outline
+and patch centres, the true label, source and the patient's split in the learners' training,
+the predicted probabilities and each learner's vote) with ``demo_out/contact_sheet.png``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import html
 import json
 import random
 from pathlib import Path
@@ -21,12 +22,10 @@ import numpy as np
 
 from .cv import read_split
 from .data import read_manifest
-from .errors import PatchflannelError, WeightsError
-from .learners import CLASSES, Normalization, PatchEngine
-from .learners.bundle import DEFAULT_LEARNERS, load_learner_set
-from .segment.batch import run_batch
-from .segment.segmenter import Segmenter
-from .store import read_masked_npz
+from .errors import PatchflannelError
+from .io import load_image
+from .learners.registry import CLASSES
+from .preprocess import Letterbox
 from .training import atomic_write
 from .viz import contact_sheet, mask_overlay
 
@@ -43,38 +42,48 @@ def sample_rows(rows: list[dict], per_group: int, seed: int) -> list[dict]:
     return picked
 
 
-def classify(rows: list[dict], films: dict[str, dict], args) -> dict[str, dict]:
-    """Mean of the shipped learners' patch probabilities for every segmented film in ``films``
-    (``{}`` and a note when no learner bundles are found), in one batched engine call; also
-    writes ``predictions.csv``."""
-    try:
-        learners, shared = load_learner_set(args.learners)
-    except WeightsError as exc:
-        print(f"note: no patch learners, films are segmented only ({exc})")
-        return {}
-    folder = Path(args.learners or DEFAULT_LEARNERS)
-    split = read_split(folder / "split.csv") if (folder / "split.csv").is_file() else {}
-    engine = PatchEngine(learners, k=args.k, patch_size=shared["patch_size"],
-                         normalization=Normalization(**shared["normalization"]), seed=args.seed)
-    rows = [row for row in rows if row["image"] in films]
-    if not rows:
-        return {}
-    result = engine.predict([films[r["image"]]["masked_image"] for r in rows], [films[r["image"]]["mask"] for r in rows])
-    out = {}
-    for row, probs, rejected in zip(rows, result.probs, result.rejected):
-        if rejected:
-            continue
-        mean = probs.mean(0)
-        out[row["image"]] = {"image": row["image"], "label": row["label"], "source": row["source"],
-                             "split": split.get(row["patient_id"], "unseen"),
-                             "predicted": CLASSES[int(mean.argmax())], "probability": float(mean.max()),
-                             **{f"p_{c}": round(float(v), 4) for c, v in zip(CLASSES, mean)}}
-    if out:
-        with open(args.out / "predictions.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(next(iter(out.values()))))
-            w.writeheader()
-            w.writerows(out.values())
-    return out
+def film_tile(pred, size: int = 384) -> np.ndarray:
+    """The film letterboxed like the learners saw it, lung outline, patch centres and caption."""
+    grey = load_image(pred.source) if pred.mask is not None else np.zeros((size, size), np.float32)
+    mask = pred.mask if pred.mask is not None else np.zeros((size, size), bool)
+    image = Letterbox(grey.shape, mask.shape[0]).apply(np.round(grey * 255).astype(np.uint8))
+    caption = (f"{pred.label} {pred.probabilities[pred.label]:.2f}" if pred.ok else "rejected")
+    tile = mask_overlay(image, mask, label=caption)
+    if pred.centres is not None:
+        for y, x in pred.centres:
+            cv2.circle(tile, (int(x), int(y)), max(2, mask.shape[0] // 200), (80, 80, 255), -1)
+    return cv2.resize(tile, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def write_report(out: Path, rows: list[dict], preds: list, split: dict[str, str]) -> None:
+    """``report.html`` with one PNG per film under ``report/``."""
+    (out / "report").mkdir(parents=True, exist_ok=True)
+    cells = []
+    for i, (row, pred) in enumerate(zip(rows, preds)):
+        png = f"report/{i:03d}.png"
+        _, data = cv2.imencode(".png", film_tile(pred))
+        (out / png).write_bytes(data.tobytes())
+        if pred.ok:
+            bars = "".join(f"<tr><td>{c}</td><td><div class=bar style='width:{100 * pred.probabilities[c]:.0f}px'>"
+                           f"</div></td><td>{pred.probabilities[c]:.2f}</td></tr>" for c in CLASSES)
+            votes = ", ".join(f"{html.escape(n)}: {v['label']}" for n, v in pred.learners.items())
+            verdict = "right" if pred.label == row["label"] else "wrong"
+            body = f"<b class={verdict}>{pred.label}</b><table>{bars}</table><small>{votes}</small>"
+        else:
+            body = f"<b class=wrong>rejected</b><br><small>{html.escape(pred.rejection or '')}</small>"
+        cells.append(f"<div class=film><img src='{png}'><div>truth <b>{row['label']}</b> · {row['source']} · "
+                     f"{split.get(row['patient_id'], 'unseen')}</div>{body}</div>")
+    combiner = next((p.combiner for p in preds if p.ok), "-")
+    page = f"""<!doctype html><meta charset=utf-8><title>patchflannel demo</title>
+<style>body{{font-family:sans-serif;margin:1em}} .film{{display:inline-block;width:400px;vertical-align:top;
+margin:6px;font-size:13px}} .bar{{background:#4a7;height:10px}} .right{{color:#282}} .wrong{{color:#c22}}
+table{{border-collapse:collapse}} td{{padding:0 4px}}</style>
+<h2>patchflannel: {len(rows)} cxr4 films</h2>
+<p>Combined by: {html.escape(combiner)}. Red dots: the lung patch centres. "train/val/test" is the patient's
+split in the learners' training ("test" films were never seen). cxr4's covid films are all adults and its
+other classes mostly children: read covid vs rest as partly adult vs child.</p>
+{''.join(cells)}"""
+    atomic_write(out / "report.html", lambda tmp: Path(tmp).write_text(page))
 
 
 def main(argv=None) -> None:
@@ -82,16 +91,19 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="folder holding cxr4/")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--per-group", type=int, default=4, help="images per (label, source) pair")
+    p.add_argument("--per-group", type=int, default=4, help="films per (label, source) pair")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", type=Path, default=None, help="segmenter bundle (default: shipped)")
-    p.add_argument("--learners", type=Path, default=None, help="folder of learner bundles (default: shipped)")
-    p.add_argument("--k", type=int, default=16, help="patches per film")
+    p.add_argument("--pipeline", type=Path, default=None, help="pipeline bundle (default: weights/pipeline-lite)")
+    p.add_argument("--k", type=int, default=32, help="patches per film")
     args = p.parse_args(argv)
+
+    from .pipeline import Pipeline
+    from .predict import record_for, write_csv
+    from .segment.batch import collect_inputs, run_batch
 
     try:
         rows = sample_rows(read_manifest(args.data / "cxr4" / "manifest.csv"), args.per_group, args.seed)
-        segmenter = Segmenter.from_bundle(args.weights)
+        pipeline = Pipeline.from_pretrained(args.pipeline, k=args.k)
     except PatchflannelError as exc:
         raise SystemExit(f"error: {exc} (the demo reads <data>/cxr4; pass --data or set PATCHFLANNEL_DATA)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,28 +113,20 @@ def main(argv=None) -> None:
         w.writeheader()
         w.writerows(rows)
     masked = args.out / "masked"
-    counts = run_batch(manifest, masked, segmenter, keep_unmasked=True, h5_path=masked / "sample.h5")
-    records = {r["path"]: r for r in csv.DictReader(open(masked / "summary.csv"))}
-    films = {path: read_masked_npz(masked / rec["output"]) for path, rec in records.items() if rec["status"] == "ok"}
-    predictions = classify(rows, films, args)
-    tiles = []
-    for row in rows:
-        rec = records.get(row["image"])
-        caption = f"{row['label']} / {row['source']}"
-        if row["image"] in predictions:
-            pred = predictions[row["image"]]
-            caption += f" -> {pred['predicted']} {pred['probability']:.2f} ({pred['split']})"
-        if row["image"] in films:
-            z = films[row["image"]]
-            tiles.append(mask_overlay(z["image"], z["mask"], label=caption))
-        else:
-            blank = np.zeros((512, 512), dtype=np.uint8)
-            tiles.append(mask_overlay(blank, blank > 0, label=f"{caption}: {rec['status'] if rec else 'missing'}"))
-    sheet = contact_sheet(tiles)
-    ok, png = cv2.imencode(".png", sheet)
+    stage1 = run_batch(manifest, masked, pipeline.segmenter, h5_path=masked / "sample.h5")
+    items = collect_inputs(manifest)
+    preds = pipeline.predict([it.path for it in items], progress=True)  # kept in memory for the report
+    (args.out / "predictions").mkdir(exist_ok=True)
+    write_csv(args.out / "predictions", [record_for(it, pr) for it, pr in zip(items, preds)])
+    split_file = Path(__file__).resolve().parents[1] / "weights" / "learners-lite" / "split.csv"
+    split = read_split(split_file) if split_file.is_file() else {}
+    write_report(args.out, rows, preds, split)
+    sheet = contact_sheet([film_tile(pr, 256) for pr in preds])
+    _, png = cv2.imencode(".png", sheet)
     atomic_write(args.out / "contact_sheet.png", lambda tmp: Path(tmp).write_bytes(png.tobytes()))
-    print(json.dumps({**counts, "classified": len(predictions), "contact_sheet": str(args.out / "contact_sheet.png"),
-                      "outputs": str(masked)}))
+    right = sum(pr.ok and pr.label == r["label"] for pr, r in zip(preds, rows))
+    print(json.dumps({"stage1": stage1, "classified": sum(pr.ok for pr in preds), "correct": right, "films": len(rows),
+                      "report": str(args.out / "report.html"), "contact_sheet": str(args.out / "contact_sheet.png")}))
 
 
 if __name__ == "__main__":

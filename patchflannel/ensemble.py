@@ -1,5 +1,11 @@
 """The FLANNEL neural weight module and multiclass focal loss.
 
+Fitting the module for a learner set (on the set's validation patients, whose films no
+learner trained on):
+
+    python -m patchflannel.ensemble --learners weights/learners-lite --split weights/learners-lite/split.csv \
+        --packs runs/masked/cxr4.h5 runs/masked/adult.h5 --out weights/ensemble-lite
+
 The weight module combines L base learners' C-class probabilities: with ``f`` the
 concatenation of the L probability vectors (L*C values), ``w = tanh(Linear(vec(f f^T)))``
 gives one weight per learner and the prediction is ``softmax(sum_i w_i p_i)``. The outer
@@ -164,3 +170,56 @@ def load_weight_module(folder: str | os.PathLike) -> tuple[FlannelWeightModule, 
     state, config = read_bundle(folder, "weight module")
     module = FlannelWeightModule(len(config["learners"]), len(config["classes"]), hidden=config.get("hidden"))
     return load_state(module, state, folder).eval(), config
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+    import logging
+    from pathlib import Path
+
+    from .cv import read_split
+    from .learners.bundle import load_learner_set
+    from .learners.data import read_rows
+    from .learners.engine import PatchEngine
+    from .learners.evaluate import predict_probs
+    from .learners.registry import CLASSES, Normalization
+    from .metrics import classification_report
+
+    p = argparse.ArgumentParser(prog="python -m patchflannel.ensemble", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--learners", type=Path, required=True, help="folder of learner bundles")
+    p.add_argument("--packs", nargs="+", required=True, help="Stage 1 HDF5 packs")
+    p.add_argument("--split", type=Path, required=True, help="patient_id,split CSV the learners were trained with")
+    p.add_argument("--fit-on", default="val", help="split whose films the module is fitted on (never 'train')")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--k", type=int, default=16, help="patches per film")
+    p.add_argument("--gamma", type=float, default=WeightModuleConfig.gamma)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--steps", type=int, default=WeightModuleConfig.steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.fit_on == "train":
+        p.error("the module must be fitted on films the learners did not train on")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    learners, shared = load_learner_set(args.learners)
+    engine = PatchEngine(learners, k=args.k, patch_size=shared["patch_size"],
+                         normalization=Normalization(**shared["normalization"]), device=args.device, seed=args.seed)
+    split = read_split(args.split)
+    rows = [r for r in read_rows(args.packs) if split.get(r["patient_id"]) == args.fit_on and r["label"] in CLASSES]
+    probs = predict_probs(engine, rows)
+    labels = np.asarray([CLASSES.index(r["label"]) for r in rows])
+    config = WeightModuleConfig(gamma=args.gamma, hidden=args.hidden, steps=args.steps, seed=args.seed)
+    module = fit_weight_module(probs, labels, config)
+    with torch.no_grad():
+        fitted = classification_report(labels, module(probs).argmax(-1).numpy())
+    save_weight_module(args.out, module, learners=list(learners), classes=list(CLASSES), config=config,
+                       extra={"fitted_on": {"split_file": args.split.name, "split": args.fit_on, "films": len(rows),
+                                            "k": args.k, "packs": [Path(x).name for x in args.packs],
+                                            "macro_f1_on_fitting_films": fitted["macro_f1"]}})
+    print(json.dumps({"films": len(rows), "macro_f1_on_fitting_films": fitted["macro_f1"], "out": str(args.out)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,14 @@
 """The whole method in one object: decode -> lung mask -> K lung patches -> learners -> FLANNEL.
 
+A pipeline bundle is a folder with ``pipeline.json`` naming its parts (segmenter, learner
+set, optional FLANNEL weight module: each a bundle folder, given relative to the pipeline
+folder) and the inference settings (K, seed). :meth:`Pipeline.save_pretrained` writes a
+self-contained one; the shipped default ``weights/pipeline-lite`` points at its sibling
+bundles in ``weights/``.
+
 Example:
     >>> from patchflannel import Pipeline
-    >>> pipe = Pipeline.from_weights()                       # the shipped bundles, offline  # doctest: +SKIP
+    >>> pipe = Pipeline.from_pretrained()                    # the shipped bundle, offline  # doctest: +SKIP
     >>> pred = pipe.predict("chest.png")                                                      # doctest: +SKIP
     >>> pred.label, pred.probabilities["covid"], pred.rejection                               # doctest: +SKIP
     ('normal', 0.03, None)
@@ -10,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -27,11 +34,15 @@ from .learners.engine import PatchEngine
 from .learners.evaluate import FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
 from .learners.registry import CLASSES, Normalization
 from .segment.segmenter import Segmenter
+from .training import atomic_write
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-DEFAULT_ENSEMBLE = WEIGHTS / "ensemble-lite"
+#: Environment variable that may point to a pipeline bundle folder.
+PIPELINE_ENV = "PATCHFLANNEL_PIPELINE"
+DEFAULT_PIPELINE = WEIGHTS / "pipeline-lite"
+PIPELINE_FILE = "pipeline.json"
 
 
 @dataclass
@@ -100,26 +111,61 @@ class Pipeline:
         self.batch_size, self.progress = batch_size, progress
 
     @classmethod
-    def from_weights(cls, segmenter: str | os.PathLike | None = None, learners: str | os.PathLike | None = None,
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
+        """Load a pipeline bundle (default: ``$PATCHFLANNEL_PIPELINE`` or the shipped
+        ``weights/pipeline-lite``). ``kwargs`` (``k``, ``seed``, ``batch_size``...) override
+        the bundle's settings. Nothing is downloaded; missing or corrupt parts raise
+        :class:`~patchflannel.WeightsError` saying which."""
+        folder = Path(path or os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE)
+        spec_path = folder / PIPELINE_FILE
+        if not spec_path.is_file():
+            raise WeightsError(f"no {PIPELINE_FILE} in {folder}: pass a pipeline bundle folder (one written by "
+                               f"Pipeline.save_pretrained, or the repository's weights/pipeline-lite)")
+        spec = json.loads(spec_path.read_text())
+        part = lambda key: None if spec.get(key) is None else folder / spec[key]
+        settings = {k: spec[k] for k in ("k", "seed") if k in spec}
+        return cls.from_bundles(part("segmenter"), part("learners"), part("ensemble"), device=device,
+                                **{**settings, **kwargs})
+
+    @classmethod
+    def from_bundles(cls, segmenter: str | os.PathLike | None = None, learners: str | os.PathLike | None = None,
                      ensemble: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
-        """Load bundles (defaults: the shipped ``weights/segmenter-fcdensenet-lite``,
-        ``weights/learners-lite`` and, when present, ``weights/ensemble-lite``). Nothing is
-        downloaded; a missing or corrupt bundle raises :class:`~patchflannel.WeightsError`."""
+        """Build from separate bundle folders: a segmenter (default: the shipped one), a learner
+        set (default: ``weights/learners-lite``) and a FLANNEL weight module (``None``: combine
+        by the mean of the learners)."""
         from .ensemble import load_weight_module
 
         seg = Segmenter.from_bundle(segmenter, device=device)
         models, shared = load_learner_set(learners or DEFAULT_LEARNERS)
         module = None
-        ensemble_dir = Path(ensemble) if ensemble is not None else DEFAULT_ENSEMBLE
-        if ensemble is not None or DEFAULT_ENSEMBLE.is_dir():
-            module, config = load_weight_module(ensemble_dir)
+        if ensemble is not None:
+            module, config = load_weight_module(ensemble)
             if config["learners"] != list(models):
-                raise WeightsError(f"{ensemble_dir} combines {config['learners']} but the learner set holds "
+                raise WeightsError(f"{ensemble} combines {config['learners']} but the learner set holds "
                                    f"{list(models)}; pass the learner folder it was fitted for")
-        else:
-            log.warning("no FLANNEL weight module at %s: combining learners by their mean", DEFAULT_ENSEMBLE)
         return cls(seg, models, weight_module=module, patch_size=shared["patch_size"],
                    normalization=Normalization(**shared["normalization"]), device=device, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a self-contained pipeline bundle: ``segmenter/``, ``learners/<name>/``,
+        ``ensemble/`` (when there is a weight module) and ``pipeline.json``."""
+        from .bundle import write_bundle
+        from .ensemble import save_weight_module
+        from .learners.bundle import save_learner
+
+        folder = Path(path)
+        seg_config = {k: v for k, v in self.segmenter.config.items() if k not in ("weights_sha256", "weights_dtype")}
+        write_bundle(folder / "segmenter", self.segmenter.model, seg_config)
+        for name, model in zip(self.learner_names, self.engine.models):
+            save_learner(folder / "learners" / name, getattr(model, "_orig_mod", model), name=name,
+                         patch_size=self.engine.patch_size, normalization=self.engine.normalization)
+        if self.weight_module is not None:
+            save_weight_module(folder / "ensemble", self.weight_module, learners=self.learner_names,
+                               classes=list(CLASSES))
+        spec = {"format": "patchflannel-pipeline", "segmenter": "segmenter", "learners": "learners",
+                "ensemble": "ensemble" if self.weight_module is not None else None,
+                "k": self.engine.k, "seed": self.engine.seed}
+        atomic_write(folder / PIPELINE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2) + "\n"))
 
     @property
     def learner_names(self) -> list[str]:

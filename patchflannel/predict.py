@@ -2,7 +2,7 @@
 
 INPUT is a folder of images (searched recursively), a manifest CSV with an ``image`` column
 (paths relative to the CSV), or one image file. Every input gets one line in
-``FOLDER/predictions.jsonl`` as its batch finishes (label, probabilities, per-learner
+``FOLDER/predictions.jsonl`` as its batch finishes (predicted class, probabilities, per-learner
 probabilities and patch votes, or the reason it was rejected), so a killed job loses at most
 one batch and a rerun skips what is done. ``FOLDER/predictions.csv`` (one row per input, the
 manifest's other columns kept) is rewritten atomically at the end. The exit code is non-zero
@@ -32,8 +32,13 @@ JSONL, CSV = "predictions.jsonl", "predictions.csv"
 
 
 def record_for(item: BatchInput, pred) -> dict:
-    return {"input": item.name, "path": str(item.path), **item.columns,
-            "status": "ok" if pred.ok else "rejected", **pred.to_dict()}
+    """One JSON line: the input, its manifest columns (a ``label`` column stays the truth), and
+    the prediction (``predicted``, probabilities, per-learner results) or the rejection."""
+    result = pred.to_dict()
+    result["predicted"] = result.pop("label")
+    result.pop("source")
+    return {"input": item.name, "path": str(item.path), **item.columns, "status": "ok" if pred.ok else "rejected",
+            **result}
 
 
 def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, progress: bool = True) -> dict:
@@ -69,11 +74,11 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, progress: boo
 
 
 def write_csv(out_dir: Path, records: list[dict]) -> None:
-    extra = sorted({k for r in records for k in r} - {"input", "path", "status", "label", "probabilities", "combiner",
-                                                       "learners", "learner_weights", "rejection", "lung_fraction",
-                                                       "source"})
-    fields = ["input", "path", *extra, "status", "label", *[f"p_{c}" for c in CLASSES], "combiner", "lung_fraction",
-              "rejection"]
+    own = {"input", "path", "status", "predicted", "probabilities", "combiner", "learners", "learner_weights",
+           "rejection", "lung_fraction"}
+    columns = sorted({k for r in records for k in r} - own)  # the manifest's
+    fields = ["input", "path", *columns, "status", "predicted", *[f"p_{c}" for c in CLASSES], "combiner",
+              "lung_fraction", "rejection"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -88,11 +93,12 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="folder of images, manifest CSV (image column) or one image file")
     p.add_argument("--out", type=Path, required=True, help="output folder (predictions.jsonl, predictions.csv)")
-    p.add_argument("--segmenter", default=None, help="segmenter bundle (default: the shipped one)")
-    p.add_argument("--learners", default=None, help="folder of learner bundles (default: weights/learners-lite)")
-    p.add_argument("--ensemble", default=None, help="FLANNEL weight-module bundle (default: weights/ensemble-lite)")
-    p.add_argument("--k", type=int, default=100, help="patches per image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pipeline", default=None, help="pipeline bundle folder (default: weights/pipeline-lite)")
+    p.add_argument("--segmenter", default=None, help="use separate bundles instead: a segmenter bundle")
+    p.add_argument("--learners", default=None, help="... a folder of learner bundles")
+    p.add_argument("--ensemble", default=None, help="... a FLANNEL weight-module bundle (else the learners' mean)")
+    p.add_argument("--k", type=int, default=None, help="patches per image (default: the bundle's, 100)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -101,8 +107,13 @@ def main(argv=None) -> int:
     from .pipeline import Pipeline
 
     try:
-        pipeline = Pipeline.from_weights(args.segmenter, args.learners, args.ensemble, device=args.device, k=args.k,
-                                         seed=args.seed, batch_size=args.batch_size)
+        settings = {k: v for k, v in (("k", args.k), ("seed", args.seed)) if v is not None}
+        if args.segmenter or args.learners or args.ensemble:
+            pipeline = Pipeline.from_bundles(args.segmenter, args.learners, args.ensemble, device=args.device,
+                                             batch_size=args.batch_size, **settings)
+        else:
+            pipeline = Pipeline.from_pretrained(args.pipeline, device=args.device, batch_size=args.batch_size,
+                                                **settings)
         counts = run_predict(args.input, args.out, pipeline, batch_size=args.batch_size,
                              progress=not args.no_progress)
     except PatchflannelError as exc:

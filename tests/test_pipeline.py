@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchflannel import Pipeline, Prediction
+from patchflannel import Pipeline, Prediction, WeightsError
 from patchflannel.learners import CLASSES
 
 K = 4  # patches per film: enough to exercise every stage, cheap on CPU
@@ -23,7 +23,7 @@ def films(cxr4_rows):
 
 @pytest.fixture(scope="module")
 def pipeline():
-    return Pipeline.from_weights(device="cpu", k=K, ensemble=None)
+    return Pipeline.from_bundles(device="cpu", k=K)
 
 
 def test_predicts_files_and_arrays_reproducibly(pipeline, films):
@@ -59,7 +59,7 @@ def test_weight_module_combines_the_learners(pipeline, films, tmp_path):
     probs = torch.softmax(torch.randn(64, len(pipeline.learner_names), 4, generator=torch.Generator().manual_seed(0)), -1)
     module = fit_weight_module(probs, probs[:, 0].argmax(-1))
     save_weight_module(tmp_path / "ens", module, learners=pipeline.learner_names, classes=list(CLASSES))
-    combined = Pipeline.from_weights(device="cpu", k=K, ensemble=tmp_path / "ens")
+    combined = Pipeline.from_bundles(ensemble=tmp_path / "ens", device="cpu", k=K)
     pred = combined.predict(films[0])
     assert pred.combiner == "FLANNEL ensemble" and set(pred.learner_weights) == set(pipeline.learner_names)
     learner_probs = torch.tensor([[v["probabilities"][c] for c in CLASSES] for v in pred.learners.values()])
@@ -67,10 +67,17 @@ def test_weight_module_combines_the_learners(pipeline, films, tmp_path):
     assert [pred.probabilities[c] for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-4)
     save_weight_module(tmp_path / "ens3", fit_weight_module(probs[:, :2], probs[:, 0].argmax(-1)),
                        learners=pipeline.learner_names[:2], classes=list(CLASSES))
-    from patchflannel import WeightsError
-
     with pytest.raises(WeightsError, match="combines"):
-        Pipeline.from_weights(device="cpu", ensemble=tmp_path / "ens3")
+        Pipeline.from_bundles(ensemble=tmp_path / "ens3", device="cpu")
+
+    # A saved pipeline bundle predicts exactly what the pipeline it came from predicts.
+    combined.save_pretrained(tmp_path / "pipe")
+    loaded = Pipeline.from_pretrained(tmp_path / "pipe", device="cpu")
+    assert loaded.engine.k == K and loaded.learner_names == combined.learner_names
+    again = loaded.predict(films[0])
+    assert again.probabilities == pred.probabilities and again.learner_weights == pred.learner_weights
+    with pytest.raises(WeightsError, match="pipeline.json"):
+        Pipeline.from_pretrained(tmp_path, device="cpu")
 
 
 def test_predict_job_records_every_input_and_resumes(pipeline, films, tmp_path):
@@ -94,3 +101,18 @@ def test_predict_job_records_every_input_and_resumes(pipeline, films, tmp_path):
     assert len(read_records(out / JSONL)) == 4
     rows = (out / "predictions.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("input,path")
+
+
+def test_predict_job_keeps_manifest_columns_apart_from_the_prediction(pipeline, films, tmp_path):
+    import csv
+
+    from patchflannel.predict import run_predict
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image,label,source\n" + "".join(f"{f},{lab},cxr4\n" for f, lab in
+                                                         zip(films[:2], ["covid", "covid"])))
+    assert run_predict(manifest, tmp_path / "out", pipeline, progress=False)["ok"] == 2
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["covid", "covid"] and all(r["source"] == "cxr4" for r in rows)
+    assert all(r["predicted"] in CLASSES and float(r["p_covid"]) >= 0 for r in rows)
