@@ -294,7 +294,7 @@ def main(argv=None) -> dict:
     p.add_argument("--learners", nargs="+", default=list(PRESETS["lite"]))
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--folds", nargs="+", type=int, default=None, help="test folds to run (default: all)")
-    p.add_argument("--k", type=int, default=32, help="patches per film at prediction")
+    p.add_argument("--k", type=int, default=16, help="patches per film at prediction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="smoke run: few images, one epoch, K=4")
