@@ -144,7 +144,8 @@ def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: di
 
     weight_cfg = WeightModuleConfig(seed=args.seed, steps=quick["weight_steps"] if quick else WeightModuleConfig.steps)
     module = fit_weight_module(val_probs, val_labels, weight_cfg)
-    save_weight_module(fold_dir / "ensemble", module, learners=list(learners), classes=list(CLASSES), config=weight_cfg)
+    save_weight_module(fold_dir / "ensemble", module, learners=list(learners), classes=list(CLASSES), config=weight_cfg,
+                       extra={"fitted_on_films": [film_id(r) for r in val]})
     with torch.no_grad():
         combine = lambda p: module(torch.as_tensor(p)).softmax(-1).numpy()
         flannel_test, flannel_ext = combine(test_probs), combine(ext_probs) if len(external) else ext_probs[:, 0]

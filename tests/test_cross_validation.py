@@ -43,6 +43,8 @@ def test_quick_fold_trains_stacks_on_validation_predictions_and_resumes(cross_va
         assert sum(map(sum, entry["confusion_matrix"])) == result["n"]["test"]
     ensemble = json.loads((out / "fold0" / "ensemble" / "config.json").read_text())
     assert ensemble["learners"] == ["resnet18", "mobilenet_v3_small"]
+    fold_of = {r["film"]: r for r in folds}  # stacked only on validation-fold films: none a learner trained on
+    assert ensemble["fitted_on_films"] and all(fold_of[f]["fold"] == 1 for f in ensemble["fitted_on_films"])
     assert json.loads((out / "fold0" / "whole_image" / "bundle" / "config.json").read_text())["input"] == "whole_image"
 
     assert summary["folds"] == [0] and list(summary["models"]) == names
