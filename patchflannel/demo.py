@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     items = collect_inputs(manifest)
     preds = pipeline.predict([it.path for it in items], progress=True)  # kept in memory for the report
     (args.out / "predictions").mkdir(exist_ok=True)
-    write_csv(args.out / "predictions", [record_for(it, pr) for it, pr in zip(items, preds)])
+    write_csv(args.out / "predictions" / "predictions.csv", [record_for(it, pr) for it, pr in zip(items, preds)])
     split_file = Path(__file__).resolve().parents[1] / "weights" / "learners-lite" / "split.csv"
     split = read_split(split_file) if split_file.is_file() else {}
     write_report(args.out, rows, preds, split)

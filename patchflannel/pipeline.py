@@ -84,6 +84,23 @@ class Prediction:
         return {k: v for k, v in self.__dict__.items() if k not in ("mask", "centres")}
 
 
+def write_predictions(predictions: Sequence[Prediction], path: str | os.PathLike) -> None:
+    """Write predictions to ``.csv`` (one row each: source, status, predicted class, the four
+    probabilities, combiner, lung fraction, rejection) or ``.json`` (a list of
+    :meth:`Prediction.to_dict`), atomically."""
+    from .predict import record_for, write_csv
+    from .segment.batch import BatchInput
+
+    path = Path(path)
+    records = [record_for(BatchInput(Path(p.source), p.source), p) for p in predictions]
+    if path.suffix.lower() == ".csv":
+        write_csv(path, records)
+    elif path.suffix.lower() == ".json":
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
+    else:
+        raise ValueError(f"{path}: write predictions to a .csv or .json file")
+
+
 class Pipeline:
     """Segmenter + patch learners + (optional) FLANNEL weight module, batched end to end.
 

@@ -68,12 +68,14 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, progress: boo
             sink.write("".join(json.dumps(r) + "\n" for r in records))
             sink.flush()
             done.update({r["input"]: r for r in records})
-    write_csv(out_dir, [done[it.name] for it in items if it.name in done])
+    write_csv(out_dir / CSV, [done[it.name] for it in items if it.name in done])
     counts = {s: sum(done[it.name]["status"] == s for it in items if it.name in done) for s in ("ok", "rejected", "error")}
     return {"inputs": len(items), **counts}
 
 
-def write_csv(out_dir: Path, records: list[dict]) -> None:
+def write_csv(path: Path, records: list[dict]) -> None:
+    """One row per record: input, path, the manifest's columns, status, predicted class, the
+    four probabilities, combiner, lung fraction and rejection (atomic)."""
     own = {"input", "path", "status", "predicted", "probabilities", "combiner", "learners", "learner_weights",
            "rejection", "lung_fraction"}
     columns = sorted({k for r in records for k in r} - own)  # the manifest's
@@ -85,7 +87,7 @@ def write_csv(out_dir: Path, records: list[dict]) -> None:
     for r in records:
         probs = r.get("probabilities") or {}
         writer.writerow({**r, **{f"p_{c}": probs.get(c, "") for c in CLASSES}})
-    atomic_write(out_dir / CSV, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,24 @@ def test_predicts_files_and_arrays_reproducibly(pipeline, films):
     assert json.loads(json.dumps(single.to_dict()))["label"] == single.label
 
 
+def test_predictions_write_to_csv_and_json(pipeline, films, tmp_path):
+    import csv
+
+    from patchflannel.pipeline import write_predictions
+
+    preds = pipeline.predict([films[0], tmp_path / "missing.png"])
+    write_predictions(preds, tmp_path / "p.csv")
+    write_predictions(preds, tmp_path / "p.json")
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "rejected"] and rows[0]["predicted"] == preds[0].label
+    assert float(rows[0]["p_covid"]) == pytest.approx(preds[0].probabilities["covid"])
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved[0]["learners"] == preds[0].learners and "does not exist" in saved[1]["rejection"]
+    with pytest.raises(ValueError, match="csv or .json"):
+        write_predictions(preds, tmp_path / "p.txt")
+
+
 def test_bad_inputs_are_rejections_not_exceptions(pipeline, films, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(open(films[0], "rb").read()[:200])
