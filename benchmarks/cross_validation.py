@@ -146,9 +146,7 @@ def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: di
     module = fit_weight_module(val_probs, val_labels, weight_cfg)
     save_weight_module(fold_dir / "ensemble", module, learners=list(learners), classes=list(CLASSES), config=weight_cfg,
                        extra={"fitted_on_films": [film_id(r) for r in val]})
-    with torch.no_grad():
-        combine = lambda p: module(torch.as_tensor(p)).softmax(-1).numpy()
-        flannel_test, flannel_ext = combine(test_probs), combine(ext_probs) if len(external) else ext_probs[:, 0]
+    flannel_test, flannel_ext = module.predict_proba(test_probs).numpy(), module.predict_proba(ext_probs).numpy()
 
     whole_model, whole_cfg = load_learner(fold_dir / "whole_image" / "bundle")
     device = resolve_device(args.device)

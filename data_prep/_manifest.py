@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from patchflannel.training import atomic_write
+
 #: The manifest's columns, in order (as in ``cxr4/manifest.csv``).
 COLUMNS = ("image", "label", "patient_id", "source", "view", "orig_width", "orig_height")
 #: The classes a row may carry; anything else is dropped before it reaches the manifest.
@@ -132,16 +134,13 @@ class Manifest:
         if not self.rows:
             raise ValueError(f"no {self.source} images found or all dropped ({dict(self.dropped)}): "
                              "is ROOT the right folder?")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
-        try:
+        def write(tmp):
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=COLUMNS)
                 writer.writeheader()
                 writer.writerows(self.rows)
-            os.replace(tmp, self.out)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(self.out, write)
         return self.summary()
 
 

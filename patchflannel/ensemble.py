@@ -15,6 +15,7 @@ Example:
     >>> module = FlannelWeightModule(num_learners=5, num_classes=4)
     >>> probs = torch.softmax(torch.randn(8, 5, 4), -1)     # (batch, learners, classes)
     >>> logits = module(probs)                               # softmax(logits) is the prediction
+    >>> combined = module.predict_proba(probs)               # that softmax, without gradients
     >>> loss = FocalLoss(alpha=class_alpha(torch.tensor([0, 1, 2, 3, 3])), gamma=2.0)(logits, torch.zeros(8, dtype=torch.long))
 """
 from __future__ import annotations
@@ -61,6 +62,12 @@ class FlannelWeightModule(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """Logits ``sum_i w_i p_i``; the prediction is their softmax."""
         return torch.einsum("bl,blc->bc", self.learner_weights(probs), probs)
+
+    @torch.no_grad()
+    def predict_proba(self, probs) -> torch.Tensor:
+        """The combined prediction ``softmax(sum_i w_i p_i)``, ``(B, C)``, for ``(B, L, C)``
+        learner probabilities (tensor or array)."""
+        return self(torch.as_tensor(np.asarray(probs, dtype=np.float32))).softmax(-1)
 
 
 def class_alpha(labels: torch.Tensor, num_classes: int = 4) -> torch.Tensor:
@@ -212,8 +219,7 @@ def main(argv=None) -> None:
     labels = np.asarray([CLASSES.index(r["label"]) for r in rows])
     config = WeightModuleConfig(gamma=args.gamma, hidden=args.hidden, steps=args.steps, seed=args.seed)
     module = fit_weight_module(probs, labels, config)
-    with torch.no_grad():
-        fitted = classification_report(labels, module(probs).argmax(-1).numpy())
+    fitted = classification_report(labels, module.predict_proba(probs).argmax(-1).numpy())
     save_weight_module(args.out, module, learners=list(learners), classes=list(CLASSES), config=config,
                        extra={"fitted_on": {"split_file": args.split.name, "split": args.fit_on, "films": len(rows),
                                             "k": args.k, "packs": [Path(x).name for x in args.packs],

@@ -232,8 +232,8 @@ class Pipeline:
             valid = ~torch.isnan(probs).flatten(1).any(1)
             combined = torch.full(probs[:, 0].shape, float("nan"))
             weights = torch.full(probs[:, :, 0].shape, float("nan"))
+            combined[valid] = self.weight_module.predict_proba(probs[valid])
             with torch.no_grad():
-                combined[valid] = self.weight_module(probs[valid]).softmax(-1)
                 weights[valid] = self.weight_module.learner_weights(probs[valid])
         for j, (i, _) in enumerate(todo):
             pred = preds[i]

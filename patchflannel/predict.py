@@ -45,8 +45,7 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, progress: boo
     """Predict every input of ``source`` not yet in ``out_dir``; returns counts by status."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = collect_inputs(source) if not Path(source).is_file() or Path(source).suffix.lower() == ".csv" else \
-        [BatchInput(Path(source), Path(source).name)]
+    items = collect_inputs(source)
     done = read_records(out_dir / JSONL)
     drop_torn_tail(out_dir / JSONL)
     todo = [it for it in items if it.name not in done]

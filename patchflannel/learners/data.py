@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..io import load_image
+from ..preprocess import Letterbox
 from ..store import H5MaskedDataset
 from .registry import CLASSES
 
@@ -59,11 +62,7 @@ def load_masked_set(rows: Sequence[dict], classes: Sequence[str] = CLASSES, prog
         item = ds[row["index"]]
         images.append(torch.from_numpy(item["masked_image"]))
         masks.append(torch.from_numpy(item["mask"]))
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.asarray([index.get(r["label"], -1) for r in rows], dtype=np.int64)
-    if not rows:
-        raise ValueError("no images selected")
-    return MaskedSet(torch.stack(images), torch.stack(masks), labels, list(rows))
+    return _as_set(rows, images, masks, classes)
 
 
 def load_whole_image_set(rows: Sequence[dict], image_roots: dict[str, str | os.PathLike], size: int = 224,
@@ -71,11 +70,6 @@ def load_whole_image_set(rows: Sequence[dict], image_roots: dict[str, str | os.P
     """The original, unmasked films of ``rows`` letterboxed to ``size x size`` uint8 (for
     whole-image baselines). ``image_roots`` maps each row's pack to the folder its manifest's
     relative ``input`` paths start from; ``masks`` mark the letterbox content."""
-    from pathlib import Path
-
-    from ..io import load_image
-    from ..preprocess import Letterbox
-
     images, masks = [], []
     for row in tqdm(rows, desc="decoding", disable=not progress, leave=False):
         if row["pack"] not in image_roots:
@@ -84,6 +78,10 @@ def load_whole_image_set(rows: Sequence[dict], image_roots: dict[str, str | os.P
         box = Letterbox(grey.shape, size)
         images.append(torch.from_numpy(np.round(box.apply(grey) * 255).astype(np.uint8)))
         masks.append(torch.from_numpy(box.place(np.ones(box.content_shape, dtype=bool))))
+    return _as_set(rows, images, masks, classes)
+
+
+def _as_set(rows: Sequence[dict], images: list, masks: list, classes: Sequence[str]) -> MaskedSet:
     if not rows:
         raise ValueError("no images selected")
     index = {c: i for i, c in enumerate(classes)}

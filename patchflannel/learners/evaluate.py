@@ -70,8 +70,7 @@ def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int 
         module, ens_config = load_weight_module(ensemble_dir)
         if ens_config["learners"] != names:
             raise ValueError(f"{ensemble_dir} combines {ens_config['learners']}, the learner set has {names}")
-        with torch.no_grad():
-            combined = module(probs).softmax(-1)
+        combined = module.predict_proba(probs)
         probs, names = torch.cat([probs, combined[:, None]], 1), names + [FLANNEL_ENSEMBLE]
     probs = torch.cat([probs, probs[:, :len(learners)].mean(1, keepdim=True)], 1)  # + the plain mean of the learners
     names.append(MEAN_OF_LEARNERS)

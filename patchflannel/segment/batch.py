@@ -55,8 +55,10 @@ def _relative_name(path: Path, root: Path) -> str:
 
 
 def collect_inputs(source: str | os.PathLike, path_column: str = "image") -> list[BatchInput]:
-    """Images under a folder (recursive, sorted) or the rows of a manifest CSV."""
+    """Images under a folder (recursive, sorted), the rows of a manifest CSV, or one image file."""
     source = Path(source)
+    if source.is_file() and source.suffix.lower() != ".csv":
+        return [BatchInput(source, source.name)]
     if source.is_dir():
         paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         return [BatchInput(p, _relative_name(p, source)) for p in paths]
@@ -71,7 +73,7 @@ def collect_inputs(source: str | os.PathLike, path_column: str = "image") -> lis
             p = p if p.is_absolute() else source.parent / p
             inputs.append(BatchInput(p, _relative_name(p, source.parent), {k: v for k, v in row.items() if k != path_column}))
         return inputs
-    raise PatchflannelError(f"{source}: expected a folder of images or a manifest .csv")
+    raise PatchflannelError(f"{source}: expected a folder of images, a manifest .csv or an image file")
 
 
 def output_path(out_dir: Path, name: str) -> Path:
