@@ -24,7 +24,16 @@ another hospital is called covid.
 
 Everything is resumable: learners resume from their checkpoints, a finished fold
 (``foldN/result.json``) is skipped. ``--folds 0 1`` runs some folds (e.g. one per machine);
-the summary covers the folds finished so far. Output under ``--out``: ``summary.json``,
+the summary covers the folds finished so far.
+
+For a scheduler (a SLURM array, Ray, several machines sharing ``--out``), every fold x member
+is an independent job and a collector finishes the folds:
+
+    python benchmarks/cross_validation.py ARGS --print-jobs      # lists the commands:
+    python benchmarks/cross_validation.py ARGS --folds 3 --job resnet18     # one per fold x member
+    python benchmarks/cross_validation.py ARGS --job collect                # predict, stack, score, summary
+
+Output under ``--out``: ``summary.json``,
 ``summary.md`` (the layout of the method's published table plus per-source and shortcut
 tables) and ``confusion.png`` / ``pr_curves.png``. ``--quick`` is a smoke run (few images,
 one epoch, K=4).
@@ -45,8 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit
 
 from patchflannel.cv import assign_folds, read_folds, write_folds, write_split
+from patchflannel.calibration import apply_temperature, expected_calibration_error
 from patchflannel.ensemble import (
     WeightModuleConfig,
+    crossfit_temperature,
     fit_weight_module,
     save_weight_module,
 )
@@ -65,6 +76,7 @@ from patchflannel.training import resolve_device
 
 log = logging.getLogger("cross_validation")
 WHOLE_IMAGE = "whole-image baseline"
+WHOLE_IMAGE_DIR = "whole_image"
 QUICK = {"train_limit": 48, "eval_limit": 24, "epochs": 1, "k": 4, "weight_steps": 50}
 # ``--budget reduced``: about half the recipe epochs (a third for the random-init members) and
 # a lighter validation, so five folds fit in about six hours on two CPU cores instead of
@@ -100,42 +112,64 @@ def subsample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return [rows[i] for i in sorted(keep)]
 
 
-def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: dict | None) -> dict:
-    """Train, predict and score one test fold; results cached in ``foldN/result.json``."""
+def fold_roles(fold: int, rows: list[dict], folds: dict[str, int], args) -> dict[str, str]:
+    """``{patient_id: train|val|test}`` of test fold ``fold`` (written to ``foldN/split.csv``)."""
     fold_dir = args.out / f"fold{fold}"
-    result_path = fold_dir / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
     fold_dir.mkdir(parents=True, exist_ok=True)
     val_fold = (fold + 1) % args.n_folds
     role = {r["patient_id"]: "test" if folds[film_id(r)] == fold else "val" if folds[film_id(r)] == val_fold
             else "train" for r in rows}
     write_split(role, fold_dir / "split.csv")
+    return role
+
+
+def members(args) -> list[str]:
+    """What a fold trains: every learner, then the whole-image baseline."""
+    return [*args.learners, WHOLE_IMAGE_DIR]
+
+
+def train_member(fold: int, member: str, rows: list[dict], folds: dict[str, int], args, quick: dict | None) -> None:
+    """Train (or resume) one learner, or the whole-image baseline, of one fold: one job."""
+    fold_roles(fold, rows, folds, args)
+    fold_dir = args.out / f"fold{fold}"
     overrides = {"seed": args.seed, "split_file": str(fold_dir / "split.csv")}
     if quick:
         overrides.update(epochs=quick["epochs"], val_k=2)
-    limit = quick["train_limit"] if quick else None
+    name = args.learners[0] if member == WHOLE_IMAGE_DIR else member
+    if args.budget == "reduced" and not quick:
+        overrides.update(epochs=REDUCED_EPOCHS.get(name, 3), val_k=REDUCED_VAL_K)
+    extra = {"image_roots": args.image_roots} if member == WHOLE_IMAGE_DIR else {}
+    if member == WHOLE_IMAGE_DIR:
+        overrides["input"] = "whole_image"
+    log.info("fold %d: training %s", fold, member)
+    train(args.packs, fold_dir / member, recipe_config(name, **overrides), device=args.device,
+          progress=args.progress, limit=quick["train_limit"] if quick else None, **extra)
+
+
+def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: dict | None) -> dict:
+    """Train, predict and score one test fold; results cached in ``foldN/result.json``."""
+    if (args.out / f"fold{fold}" / "result.json").exists():
+        return json.loads((args.out / f"fold{fold}" / "result.json").read_text())
+    for member in members(args):
+        train_member(fold, member, rows, folds, args, quick)
+    return finish_fold(fold, rows, folds, args, quick)
+
+
+def finish_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: dict | None) -> dict:
+    """Predict with a fold's trained members, fit FLANNEL on the validation fold, score the test
+    fold (the collector of the per-member jobs); cached in ``foldN/result.json``."""
+    fold_dir = args.out / f"fold{fold}"
+    result_path = fold_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    missing = [m for m in members(args) if not (fold_dir / m / "bundle" / "config.json").is_file()]
+    if missing:
+        raise SystemExit(f"fold {fold}: {missing} not trained yet (run their --job commands first)")
+    role = fold_roles(fold, rows, folds, args)
+    val_fold = (fold + 1) % args.n_folds
     t0 = time.perf_counter()
-    train_time = {}
-
-    def budget(name: str) -> dict:
-        if args.budget == "reduced" and not quick:
-            return {"epochs": REDUCED_EPOCHS.get(name, 3), "val_k": REDUCED_VAL_K}
-        return {}
-
-    for name in args.learners:
-        t = time.perf_counter()
-        log.info("fold %d: training %s", fold, name)
-        train(args.packs, fold_dir / name, recipe_config(name, **overrides, **budget(name)), device=args.device,
-              progress=args.progress, limit=limit)
-        train_time[name] = round(time.perf_counter() - t, 1)
-    baseline = args.learners[0]
-    t = time.perf_counter()
-    log.info("fold %d: training the whole-image %s baseline", fold, baseline)
-    baseline_cfg = recipe_config(baseline, input="whole_image", **overrides, **budget(baseline))
-    train(args.packs, fold_dir / "whole_image", baseline_cfg,
-          device=args.device, progress=args.progress, limit=limit, image_roots=args.image_roots)
-    train_time[WHOLE_IMAGE] = round(time.perf_counter() - t, 1)
+    train_time = {WHOLE_IMAGE if m == WHOLE_IMAGE_DIR else m:
+                  json.loads((fold_dir / m / "history.json").read_text())[-1]["elapsed_s"] for m in members(args)}
 
     # Films to predict: labelled validation films (the stacking set), labelled test films, and
     # the test patients' films outside the four classes (never trained on).
@@ -148,7 +182,7 @@ def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: di
     learners, configs = {}, {}
     for name in args.learners:
         learners[name], configs[name] = load_learner(fold_dir / name / "bundle")
-    engine = PatchEngine(learners, k=k, normalization=Normalization(**configs[baseline]["normalization"]),
+    engine = PatchEngine(learners, k=k, normalization=Normalization(**configs[args.learners[0]]["normalization"]),
                          device=args.device, seed=args.seed)
     log.info("fold %d: predicting %d val, %d test, %d external films", fold, len(val), len(test), len(external))
     probs = predict_probs(engine, val + test + external, progress=args.progress).numpy()
@@ -157,11 +191,16 @@ def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: di
 
     weight_cfg = WeightModuleConfig(seed=args.seed, steps=quick["weight_steps"] if quick else WeightModuleConfig.steps)
     module = fit_weight_module(val_probs, val_labels, weight_cfg)
+    temperature, _ = crossfit_temperature(val_probs, val_labels, [r["patient_id"] for r in val], weight_cfg)
     save_weight_module(fold_dir / "ensemble", module, learners=list(learners), classes=list(CLASSES), config=weight_cfg,
-                       extra={"fitted_on_films": [film_id(r) for r in val]})
+                       temperature=temperature, extra={"fitted_on_films": [film_id(r) for r in val]})
     flannel_test, flannel_ext = module.predict_proba(test_probs).numpy(), module.predict_proba(ext_probs).numpy()
+    test_labels = [CLASSES.index(r["label"]) for r in test]
+    calibration = {"temperature": temperature, "ece": expected_calibration_error(flannel_test, test_labels),
+                   "ece_calibrated": expected_calibration_error(apply_temperature(flannel_test, temperature),
+                                                                test_labels)}
 
-    whole_model, whole_cfg = load_learner(fold_dir / "whole_image" / "bundle")
+    whole_model, whole_cfg = load_learner(fold_dir / WHOLE_IMAGE_DIR / "bundle")
     device = resolve_device(args.device)
     roots = {str(p): r for p, r in zip(args.packs, args.image_roots)}
     norm = Normalization(**whole_cfg["normalization"])
@@ -180,9 +219,10 @@ def run_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick: di
         "fold": fold, "val_fold": val_fold, "k": k, "quick": bool(quick),
         "n": {"train_patients": sum(v == "train" for v in role.values()), "val": len(val), "test": len(test),
               "external": len(external)},
-        "train_seconds": train_time, "fold_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": train_time, "finish_seconds": round(time.perf_counter() - t0, 1),
         "models": {name: score(test, p, e if len(external) else None) for name, (p, e) in models.items()},
         "learner_weights_mean": module.learner_weights(torch.as_tensor(test_probs)).mean(0).tolist(),
+        "calibration": calibration,
     }
     np.savez(fold_dir / "test_predictions.npz", films=np.asarray([film_id(r) for r in test]),
              labels=np.asarray([CLASSES.index(r["label"]) for r in test]),
@@ -219,8 +259,15 @@ def summarise(results: list[dict]) -> dict:
                                                if e["adult_normal_called"]]),
             "other_pneumonia_called_covid": stat([e["external_other_pneumonia_called"]["covid"] for e in entries
                                                   if e["external_other_pneumonia_called"]]),
+            "cohen_noncovid_called_covid": stat([e["cohen_noncovid_called"]["covid"] for e in entries
+                                                 if e.get("cohen_noncovid_called")]),
+            "cohen_covid_auc": stat([e["cohen_covid_auc"] for e in entries if e.get("cohen_covid_auc") is not None]),
+            "ece": stat([e["ece"] for e in entries if "ece" in e]),
             "confusion_matrix": np.sum([e["confusion_matrix"] for e in entries], 0).tolist(),
         }
+    calibrations = [r["calibration"] for r in results if "calibration" in r]
+    if calibrations:
+        summary["ensemble_calibration"] = {k: stat([c[k] for c in calibrations]) for k in calibrations[0]}
     return summary
 
 
@@ -247,6 +294,21 @@ def markdown(summary: dict) -> str:
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(ms(m["macro_f1_by_source"][s]) for s in sources)
                      + f" | {m['adult_normal_called_covid']['mean']:.1%} | {m['other_pneumonia_called_covid']['mean']:.1%} |")
+
+    def pct(stat):
+        return f"{stat['mean']:.1%}" if stat["per_fold"] else "-"
+
+    lines += ["", "Shortcut checks: Cohen's films are all adults from one collection, so covid against "
+              "Cohen's bacterial/viral/normal films is the comparison age and hospital style cannot answer.", "",
+              "| model | Cohen non-covid -> covid | Cohen covid-vs-rest ROC-AUC | ECE |", "|---|---|---|---|"]
+    for name, m in models.items():
+        auc = m["cohen_covid_auc"]
+        lines.append(f"| {name} | {pct(m['cohen_noncovid_called_covid'])} | "
+                     f"{ms(auc) if auc['per_fold'] else '-'} | {ms(m['ece']) if m['ece']['per_fold'] else '-'} |")
+    if "ensemble_calibration" in summary:
+        c = summary["ensemble_calibration"]
+        lines += ["", f"FLANNEL calibration (temperature fitted out-of-fold on the validation fold): T = "
+                      f"{ms(c['temperature'])}, test ECE {ms(c['ece'])} before, {ms(c['ece_calibrated'])} after."]
     return "\n".join(lines)
 
 
@@ -312,6 +374,10 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", choices=["recipe", "reduced"], default="recipe",
                    help="training epochs: each learner's recipe, or the reduced CPU budget (REDUCED_EPOCHS)")
     p.add_argument("--quick", action="store_true", help="smoke run: few images, one epoch, K=4")
+    p.add_argument("--job", default=None,
+                   help="one job of a scheduler: a learner name or whole_image (trains it for --folds), or "
+                        "collect (finishes the folds whose members are trained, writes the summary)")
+    p.add_argument("--print-jobs", action="store_true", help="print one command per fold x member, then the collector")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if len(args.image_roots) != len(args.packs):
@@ -322,9 +388,29 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(args.packs)
     folds = fold_assignment(rows, args.out, args.n_folds, args.seed)
-    results = [run_fold(f, rows, folds, args, QUICK if args.quick else None)
-               for f in (args.folds if args.folds is not None else range(args.n_folds))]
+    fold_list = args.folds if args.folds is not None else list(range(args.n_folds))
+    quick = QUICK if args.quick else None
+    if args.print_jobs:
+        base = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--print-jobs"]
+        for f in fold_list:
+            for m in members(args):
+                print(" ".join(["python", "benchmarks/cross_validation.py", *base, "--folds", str(f), "--job", m]))
+        print(" ".join(["python", "benchmarks/cross_validation.py", *base, "--job", "collect"]))
+        return {}
+    if args.job and args.job != "collect":
+        if args.job not in members(args):
+            p.error(f"--job {args.job}: expected one of {members(args)} or collect")
+        for f in fold_list:
+            train_member(f, args.job, rows, folds, args, quick)
+        return {}
+    if args.job == "collect":
+        results = [finish_fold(f, rows, folds, args, quick) for f in fold_list
+                   if all((args.out / f"fold{f}" / m / "bundle").is_dir() for m in members(args))]
+    else:
+        results = [run_fold(f, rows, folds, args, quick) for f in fold_list]
     done = sorted(args.out.glob("fold*/result.json"))
+    if not done and not results:
+        raise SystemExit("no fold has finished yet: run the training jobs first (--print-jobs lists them)")
     summary = summarise([json.loads(path.read_text()) for path in done] or results)
     summary.update({"command": " ".join(sys.argv), "learners": args.learners, "n_folds": args.n_folds,
                     "quick": args.quick, "budget": args.budget,

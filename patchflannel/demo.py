@@ -4,9 +4,11 @@
 
 Runs the Stage 1 batch job on the sample (``demo_out/masked/``: one masked ``.npz`` per film,
 summary.csv, an HDF5 pack), then the shipped pipeline bundle (segmenter, patch learners,
-FLANNEL weight module) through the predict job's record format (``demo_out/predictions/predictions.csv``), and writes ``demo_out/report.html`` (per film: the image with its lung outline
+FLANNEL weight module) through the predict job's record format
+(``demo_out/predictions/predictions.csv``), and writes ``demo_out/report.html`` (per film: the image with its lung outline
 and patch centres, the true label, source and the patient's split in the learners' training,
-the predicted probabilities and each learner's vote) with ``demo_out/contact_sheet.png``.
+the predicted probabilities, the uncertainty, each learner's vote and the Grad-CAM heatmap
+over the lung patches) with ``demo_out/contact_sheet.png``.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .io import load_image
 from .learners.registry import CLASSES
 from .preprocess import Letterbox
 from .training import atomic_write
-from .viz import contact_sheet, mask_overlay
+from .viz import contact_sheet, explanation_figure, mask_overlay
 
 
 def sample_rows(rows: list[dict], per_group: int, seed: int) -> list[dict]:
@@ -61,7 +63,7 @@ def write_report(out: Path, rows: list[dict], preds: list, split: dict[str, str]
     cells = []
     for i, (row, pred) in enumerate(zip(rows, preds)):
         png = f"report/{i:03d}.png"
-        _, data = cv2.imencode(".png", film_tile(pred))
+        _, data = cv2.imencode(".png", explanation_figure(pred) if pred.heatmap is not None else film_tile(pred))
         (out / png).write_bytes(data.tobytes())
         if pred.ok:
             bars = "".join(f"<tr><td>{c}</td><td><div class=bar style='width:{100 * pred.probabilities[c]:.0f}px'>"
@@ -75,11 +77,14 @@ def write_report(out: Path, rows: list[dict], preds: list, split: dict[str, str]
                      f"{split.get(row['patient_id'], 'unseen')}</div>{body}</div>")
     combiner = next((p.combiner for p in preds if p.ok), "-")
     page = f"""<!doctype html><meta charset=utf-8><title>patchflannel demo</title>
-<style>body{{font-family:sans-serif;margin:1em}} .film{{display:inline-block;width:400px;vertical-align:top;
-margin:6px;font-size:13px}} .bar{{background:#4a7;height:10px}} .right{{color:#282}} .wrong{{color:#c22}}
+<style>body{{font-family:sans-serif;margin:1em}} .film{{display:inline-block;width:670px;vertical-align:top;
+margin:6px;font-size:13px}} .film img{{width:662px}} .bar{{background:#4a7;height:10px}} .right{{color:#282}} .wrong{{color:#c22}}
 table{{border-collapse:collapse}} td{{padding:0 4px}}</style>
 <h2>patchflannel: {len(rows)} cxr4 films</h2>
-<p>Combined by: {html.escape(combiner)}. Red dots: the lung patch centres. "train/val/test" is the patient's
+<p>Combined by: {html.escape(combiner)}. Left: the film as the learners saw it, lung outline, red dots at
+the lung patch centres. Middle: where the learners looked for the predicted class (Grad-CAM over the
+patches, averaged where they overlap, weighted by the ensemble). Right: probabilities (temperature-calibrated),
+uncertainty and each learner's label. "train/val/test" is the patient's
 split in the learners' training ("test" films were never seen). cxr4's covid films are all adults and its
 other classes mostly children: read covid vs rest as partly adult vs child.</p>
 {''.join(cells)}"""
@@ -115,7 +120,7 @@ def main(argv=None) -> None:
     masked = args.out / "masked"
     stage1 = run_batch(manifest, masked, pipeline.segmenter, h5_path=masked / "sample.h5")
     items = collect_inputs(manifest)
-    preds = pipeline.predict([it.path for it in items], progress=True)  # kept in memory for the report
+    preds = pipeline.predict([it.path for it in items], explain=True, progress=True)  # kept for the report
     (args.out / "predictions").mkdir(exist_ok=True)
     write_csv(args.out / "predictions" / "predictions.csv", [record_for(it, pr) for it, pr in zip(items, preds)])
     split_file = Path(__file__).resolve().parents[1] / "weights" / "learners-lite" / "split.csv"

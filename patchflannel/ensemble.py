@@ -161,14 +161,36 @@ def fit_weight_module(probs, labels, config: WeightModuleConfig | None = None,
     return module.eval()
 
 
+def crossfit_temperature(probs, labels, groups, config: WeightModuleConfig | None = None,
+                         n_splits: int = 5) -> tuple[float, np.ndarray]:
+    """The temperature of the combined prediction, fitted without reusing the module's own fitting films.
+
+    The fitting films are split into ``n_splits`` folds grouped by ``groups`` (patient ids);
+    a module fitted on the other folds predicts each fold, and the temperature is fitted on
+    these out-of-fold combined predictions (a temperature fitted on the films the module saw
+    would make it look surer than it is). Returns ``(temperature, out_of_fold_probabilities)``.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from .calibration import fit_temperature
+
+    probs, labels = np.asarray(probs, dtype=np.float32), np.asarray(labels)
+    oof = np.zeros((len(probs), probs.shape[2]), np.float32)
+    for fit, held in GroupKFold(n_splits=n_splits).split(probs, labels, np.asarray(groups)):
+        oof[held] = fit_weight_module(probs[fit], labels[fit], config).predict_proba(probs[held]).numpy()
+    return fit_temperature(oof, labels), oof
+
+
 def save_weight_module(folder: str | os.PathLike, module: FlannelWeightModule, *, learners: list[str],
-                       classes: list[str], config: WeightModuleConfig | None = None, extra: dict | None = None) -> None:
-    """Write the module as a bundle; ``learners`` records the order of axis 1 its inputs need."""
+                       classes: list[str], config: WeightModuleConfig | None = None, temperature: float = 1.0,
+                       extra: dict | None = None) -> None:
+    """Write the module as a bundle; ``learners`` records the order of axis 1 its inputs need and
+    ``temperature`` the calibration of its combined prediction (see :func:`crossfit_temperature`)."""
     if len(learners) != module.num_learners:
         raise ValueError(f"{len(learners)} learner names for a module of {module.num_learners} learners")
     hidden = module.weights[0].out_features if isinstance(module.weights, nn.Sequential) else None
     write_bundle(folder, module, {"task": "flannel-weight-module", "learners": list(learners),
-                                  "classes": list(classes), "hidden": hidden,
+                                  "classes": list(classes), "hidden": hidden, "temperature": float(temperature),
                                   "training": (config or WeightModuleConfig()).to_dict(), **(extra or {})})
 
 
@@ -185,6 +207,7 @@ def main(argv=None) -> None:
     import logging
     from pathlib import Path
 
+    from .calibration import apply_temperature, expected_calibration_error
     from .cv import read_split
     from .learners.bundle import load_learner_set
     from .learners.data import read_rows
@@ -220,11 +243,17 @@ def main(argv=None) -> None:
     config = WeightModuleConfig(gamma=args.gamma, hidden=args.hidden, steps=args.steps, seed=args.seed)
     module = fit_weight_module(probs, labels, config)
     fitted = classification_report(labels, module.predict_proba(probs).argmax(-1).numpy())
+    temperature, oof = crossfit_temperature(probs, labels, [r["patient_id"] for r in rows], config)
+    calibration = {"temperature": temperature, "ece_out_of_fold": expected_calibration_error(oof, labels),
+                   "ece_out_of_fold_calibrated": expected_calibration_error(apply_temperature(oof, temperature), labels)}
     save_weight_module(args.out, module, learners=list(learners), classes=list(CLASSES), config=config,
+                       temperature=temperature,
                        extra={"fitted_on": {"split_file": args.split.name, "split": args.fit_on, "films": len(rows),
                                             "k": args.k, "packs": [Path(x).name for x in args.packs],
-                                            "macro_f1_on_fitting_films": fitted["macro_f1"]}})
-    print(json.dumps({"films": len(rows), "macro_f1_on_fitting_films": fitted["macro_f1"], "out": str(args.out)}))
+                                            "macro_f1_on_fitting_films": fitted["macro_f1"]},
+                              "calibration": calibration})
+    print(json.dumps({"films": len(rows), "macro_f1_on_fitting_films": fitted["macro_f1"], **calibration,
+                      "out": str(args.out)}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import apply_temperature, uncertainty
 from .errors import InvalidImageError, WeightsError
 from .io import as_grey_float, load_image
 from .learners.bundle import DEFAULT_LEARNERS, load_learner_set
@@ -45,6 +46,9 @@ DEFAULT_PIPELINE = WEIGHTS / "pipeline-lite"
 PIPELINE_FILE = "pipeline.json"
 
 
+_ARRAY_FIELDS = ("mask", "centres", "heatmap", "learner_heatmaps", "working_image")
+
+
 @dataclass
 class Prediction:
     """One input's result.
@@ -52,16 +56,24 @@ class Prediction:
     Attributes:
         source: the file path, or ``"array[i]"`` for arrays.
         label: the predicted class, ``None`` when rejected.
-        probabilities: ``{class: p}`` of the combined prediction (``None`` when rejected).
+        probabilities: ``{class: p}`` of the combined prediction, temperature-calibrated
+            (``None`` when rejected).
         combiner: ``"FLANNEL ensemble"`` or ``"mean of learners"`` (no weight module loaded).
         learners: per learner, ``{"probabilities": {...}, "votes": {...}, "label": ...}``: the
             mean softmax over the K patches, the fraction of patches voting each class and the
             majority vote.
         learner_weights: the weight module's weight per learner for this input.
+        uncertainty: ``entropy``, ``vote_entropy``, ``learner_disagreement`` and ``margin``
+            (see :func:`patchflannel.calibration.uncertainty`).
         rejection: why the input was not classified (unreadable file, no plausible lungs...).
         lung_fraction: fraction of the image covered by the lung mask.
         mask: the lung mask on the letterboxed working grid (not in :meth:`to_dict`).
         centres: ``(K, 2)`` patch centres on the working grid (not in :meth:`to_dict`).
+        heatmap: with ``explain=True``, the ensemble's probabilistic Grad-CAM for ``label``,
+            ``(W/4, W/4)`` float in [0, 1] on the working grid, zero outside the lung (not in
+            :meth:`to_dict`); ``learner_heatmaps`` holds each learner's and ``working_image``
+            the letterboxed grey film they lie on (:func:`patchflannel.viz.explanation_figure`
+            draws the three).
     """
 
     source: str
@@ -70,10 +82,14 @@ class Prediction:
     combiner: str | None = None
     learners: dict[str, dict] = field(default_factory=dict)
     learner_weights: dict[str, float] | None = None
+    uncertainty: dict[str, float] | None = None
     rejection: str | None = None
     lung_fraction: float | None = None
     mask: np.ndarray | None = field(default=None, repr=False)
     centres: np.ndarray | None = field(default=None, repr=False)
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+    learner_heatmaps: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    working_image: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -81,7 +97,7 @@ class Prediction:
 
     def to_dict(self) -> dict:
         """JSON-ready fields (no arrays)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("mask", "centres")}
+        return {k: v for k, v in self.__dict__.items() if k not in _ARRAY_FIELDS}
 
 
 def write_predictions(predictions: Sequence[Prediction], path: str | os.PathLike) -> None:
@@ -109,6 +125,8 @@ class Pipeline:
         learners: ``{name: module}`` patch learners sharing ``patch_size`` and ``normalization``.
         weight_module: a fitted :class:`~patchflannel.ensemble.FlannelWeightModule` over the
             learners in this order; ``None`` combines by the plain mean of the learners.
+        temperature: divides the log-probabilities of the combined prediction (calibration fitted
+            with the weight module; 1 leaves them as they are).
         k: patches per image (the method uses 100).
         seed: base seed of the per-image patch sampling (same input, same output).
         batch_size: images decoded, segmented and classified together.
@@ -117,7 +135,7 @@ class Pipeline:
     """
 
     def __init__(self, segmenter: Segmenter, learners: Mapping[str, torch.nn.Module], *, weight_module=None,
-                 patch_size: int = 224, normalization: Normalization | None = None, k: int = 100, seed: int = 0,
+                 temperature: float = 1.0, patch_size: int = 224, normalization: Normalization | None = None, k: int = 100, seed: int = 0,
                  batch_size: int = 8, device="auto", amp: bool = True, progress: bool = False):
         if weight_module is not None and weight_module.num_learners != len(learners):
             raise ValueError(f"weight module combines {weight_module.num_learners} learners, got {len(learners)}")
@@ -125,6 +143,9 @@ class Pipeline:
         self.engine = PatchEngine(learners, k=k, patch_size=patch_size, normalization=normalization, device=device,
                                   amp=amp, seed=seed)
         self.weight_module = None if weight_module is None else weight_module.eval().cpu()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
         self.batch_size, self.progress = batch_size, progress
 
     @classmethod
@@ -154,12 +175,14 @@ class Pipeline:
 
         seg = Segmenter.from_bundle(segmenter, device=device)
         models, shared = load_learner_set(learners or DEFAULT_LEARNERS)
-        module = None
+        module, temperature = None, 1.0
         if ensemble is not None:
             module, config = load_weight_module(ensemble)
+            temperature = config.get("temperature", 1.0)
             if config["learners"] != list(models):
                 raise WeightsError(f"{ensemble} combines {config['learners']} but the learner set holds "
                                    f"{list(models)}; pass the learner folder it was fitted for")
+        kwargs.setdefault("temperature", temperature)
         return cls(seg, models, weight_module=module, patch_size=shared["patch_size"],
                    normalization=Normalization(**shared["normalization"]), device=device, **kwargs)
 
@@ -178,7 +201,7 @@ class Pipeline:
                          patch_size=self.engine.patch_size, normalization=self.engine.normalization)
         if self.weight_module is not None:
             save_weight_module(folder / "ensemble", self.weight_module, learners=self.learner_names,
-                               classes=list(CLASSES))
+                               classes=list(CLASSES), temperature=self.temperature)
         spec = {"format": "patchflannel-pipeline", "segmenter": "segmenter", "learners": "learners",
                 "ensemble": "ensemble" if self.weight_module is not None else None,
                 "k": self.engine.k, "seed": self.engine.seed}
@@ -188,21 +211,23 @@ class Pipeline:
     def learner_names(self) -> list[str]:
         return self.engine.names
 
-    def predict(self, inputs, *, progress: bool | None = None) -> Prediction | list[Prediction]:
+    def predict(self, inputs, *, explain: bool = False, progress: bool | None = None) -> Prediction | list[Prediction]:
         """Classify one input (path or grey/RGB array) or a sequence of them.
 
         Unreadable files and images without plausible lungs come back as predictions with a
-        ``rejection`` (never an exception), so one bad input never stops a batch.
+        ``rejection`` (never an exception), so one bad input never stops a batch. With
+        ``explain=True`` each accepted prediction carries Grad-CAM heatmaps (see
+        :mod:`patchflannel.explain`; costs about three times the prediction itself).
         """
         single = isinstance(inputs, (str, os.PathLike, np.ndarray))
         items = [inputs] if single else list(inputs)
         out: list[Prediction] = []
         show = self.progress if progress is None else progress
         for start in tqdm(range(0, len(items), self.batch_size), desc="predicting", disable=not show, leave=False):
-            out += self._predict_batch(items[start:start + self.batch_size], start)
+            out += self._predict_batch(items[start:start + self.batch_size], start, explain)
         return out[0] if single else out
 
-    def _predict_batch(self, items: Sequence, offset: int) -> list[Prediction]:
+    def _predict_batch(self, items: Sequence, offset: int, explain: bool = False) -> list[Prediction]:
         preds, images = [], []
         for i, item in enumerate(items):
             name = str(item) if isinstance(item, (str, os.PathLike)) else f"array[{offset + i}]"
@@ -224,7 +249,7 @@ class Pipeline:
                 todo.append((i, seg))
         if not todo:
             return preds
-        result = self.engine.predict(np.stack([s.working_image for _, s in todo]),
+        result = self.engine.predict(np.stack([s.masked_working_image for _, s in todo]),
                                      np.stack([s.working_mask for _, s in todo]))
         probs = result.probs  # (n, L, C); NaN rows for images the engine rejected
         weights = combined = None
@@ -240,7 +265,7 @@ class Pipeline:
             if result.rejected[j]:
                 pred.rejection = result.rejected[j]
                 continue
-            p = combined[j] if combined is not None else probs[j].mean(0)
+            p = apply_temperature(combined[j] if combined is not None else probs[j].mean(0), self.temperature)
             pred.combiner = FLANNEL_ENSEMBLE if combined is not None else MEAN_OF_LEARNERS
             pred.probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}
             pred.label = CLASSES[int(p.argmax())]
@@ -248,7 +273,20 @@ class Pipeline:
                                     "votes": {c: round(float(v), 4) for c, v in zip(CLASSES, result.votes[j, li])},
                                     "label": CLASSES[int(result.labels[j, li])]}
                              for li, name in enumerate(self.learner_names)}
+            pred.uncertainty = uncertainty(p, probs[j], result.votes[j])
             if weights is not None:
                 pred.learner_weights = {n: round(float(w), 6) for n, w in zip(self.learner_names, weights[j])}
             pred.centres = result.centres[j].numpy()
+            if explain:
+                self._explain(pred, todo[j][1])
         return preds
+
+    def _explain(self, pred: Prediction, seg) -> None:
+        from .explain import lung_heatmap
+
+        weights = list(pred.learner_weights.values()) if pred.learner_weights else None
+        pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, seg.masked_working_image,
+                                          seg.working_mask, pred.centres, CLASSES.index(pred.label),
+                                          patch_size=self.engine.patch_size, weights=weights, device=self.engine.device)
+        pred.learner_heatmaps = dict(zip(self.learner_names, maps))
+        pred.working_image = seg.working_image

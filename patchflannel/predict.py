@@ -6,7 +6,11 @@ INPUT is a folder of images (searched recursively), a manifest CSV with an ``ima
 probabilities and patch votes, or the reason it was rejected), so a killed job loses at most
 one batch and a rerun skips what is done. ``FOLDER/predictions.csv`` (one row per input, the
 manifest's other columns kept) is rewritten atomically at the end. The exit code is non-zero
-only when nothing could be classified.
+only when nothing could be classified. ``--explain`` also writes ``FOLDER/overlays/<input>.png``
+for every classified input: the film with its lung outline, the Grad-CAM heatmap over the
+lung patches, the probabilities and the uncertainty (:func:`patchflannel.viz.explanation_figure`).
+``--shard i/n`` runs one of n shards into the same folder (``--shard auto`` under torchrun or
+a SLURM array); ``--merge`` then writes ``predictions.jsonl``/``.csv`` as one job would.
 
     python -m patchflannel.predict ../shared/data/cxr4/manifest.csv --out runs/predict --k 100
 """
@@ -17,6 +21,7 @@ import csv
 import io
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 from .errors import PatchflannelError
 from .learners.registry import CLASSES
 from .segment.batch import BatchInput, collect_inputs, drop_torn_tail, read_records
+from .shard import Shard, shard_logs
 from .training import atomic_write
 
 log = logging.getLogger(__name__)
@@ -41,25 +47,56 @@ def record_for(item: BatchInput, pred) -> dict:
             **result}
 
 
-def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, progress: bool = True) -> dict:
-    """Predict every input of ``source`` not yet in ``out_dir``; returns counts by status."""
+def overlay_name(input_name: str) -> str:
+    """A flat, safe file name for an input's overlay: never a path that leaves ``overlays/``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", input_name.replace("/", "__")).lstrip(".") + ".png"
+
+
+def write_overlay(out_dir: Path, record: dict, pred) -> None:
+    """Draw ``pred``'s explanation into ``out_dir/overlays`` (atomic) and note it in ``record``."""
+    import cv2
+
+    from .viz import explanation_figure
+
+    name = Path("overlays") / overlay_name(record["input"])
+    ok, png = cv2.imencode(".png", explanation_figure(pred))
+    (out_dir / "overlays").mkdir(exist_ok=True)
+    atomic_write(out_dir / name, lambda tmp: Path(tmp).write_bytes(png.tobytes()))
+    record["overlay"] = str(name)
+
+
+def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool = False,
+                progress: bool = True, shard: Shard | None = None) -> dict:
+    """Predict every input of ``source`` not yet in ``out_dir``; returns counts by status.
+    ``explain`` writes an overlay PNG per classified input. With ``shard``, only that shard's
+    inputs, logged apart; :func:`merge_predictions` combines the shards."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = collect_inputs(source)
-    done = read_records(out_dir / JSONL)
-    drop_torn_tail(out_dir / JSONL)
+    if shard is not None:
+        items = [it for it in items if shard.owns(it.name)]
+    log_path = out_dir / (shard.log_name(JSONL) if shard else JSONL)
+    done = {**read_records(out_dir / JSONL), **read_records(log_path)}
+    drop_torn_tail(log_path)
     todo = [it for it in items if it.name not in done]
     log.info("%d inputs, %d already done", len(items), len(items) - len(todo))
-    with open(out_dir / JSONL, "a") as sink:
+    with open(log_path, "a") as sink:
         for start in tqdm(range(0, len(todo), batch_size), desc="predicting", disable=not progress):
             batch = todo[start:start + batch_size]
             try:
-                records = [record_for(it, p) for it, p in zip(batch, pipeline.predict([it.path for it in batch]))]
+                preds = pipeline.predict([it.path for it in batch], explain=explain)
+                records = [record_for(it, p) for it, p in zip(batch, preds)]
+                for record, pred in zip(records, preds):
+                    if explain and pred.ok:
+                        write_overlay(out_dir, record, pred)
             except Exception:  # one bad input must not take its batch down: retry one by one
                 records = []
                 for it in batch:
                     try:
-                        records.append(record_for(it, pipeline.predict(it.path)))
+                        pred = pipeline.predict(it.path, explain=explain)
+                        records.append(record_for(it, pred))
+                        if explain and pred.ok:
+                            write_overlay(out_dir, records[-1], pred)
                     except Exception as exc:
                         log.exception("failed on %s", it.path)
                         records.append({"input": it.name, "path": str(it.path), **it.columns, "status": "error",
@@ -67,25 +104,48 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, progress: boo
             sink.write("".join(json.dumps(r) + "\n" for r in records))
             sink.flush()
             done.update({r["input"]: r for r in records})
-    write_csv(out_dir / CSV, [done[it.name] for it in items if it.name in done])
+    if shard is None:
+        write_csv(out_dir / CSV, [done[it.name] for it in items if it.name in done])
     counts = {s: sum(done[it.name]["status"] == s for it in items if it.name in done) for s in ("ok", "rejected", "error")}
     return {"inputs": len(items), **counts}
 
 
+def merge_predictions(source, out_dir) -> dict:
+    """Combine the shard logs of ``out_dir`` into ``predictions.jsonl`` and ``predictions.csv``
+    (input order), then remove them; returns counts by status and how many inputs are missing."""
+    out_dir = Path(out_dir)
+    items = collect_inputs(source)
+    records = read_records(out_dir / JSONL)
+    logs = shard_logs(out_dir, JSONL)
+    for log_file in logs:
+        records.update(read_records(log_file))
+    ordered = [records[it.name] for it in items if it.name in records]
+    atomic_write(out_dir / JSONL, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in ordered)))
+    for log_file in logs:
+        log_file.unlink()
+    write_csv(out_dir / CSV, ordered)
+    counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
+    return {"inputs": len(items), **counts, "missing": len(items) - len(ordered)}
+
+
+UNCERTAINTY = ("entropy", "vote_entropy", "learner_disagreement", "margin")
+
+
 def write_csv(path: Path, records: list[dict]) -> None:
     """One row per record: input, path, the manifest's columns, status, predicted class, the
-    four probabilities, combiner, lung fraction and rejection (atomic)."""
+    four probabilities, the uncertainty measures, combiner, lung fraction and rejection (atomic)."""
     own = {"input", "path", "status", "predicted", "probabilities", "combiner", "learners", "learner_weights",
-           "rejection", "lung_fraction"}
+           "rejection", "lung_fraction", "uncertainty", "overlay"}
     columns = sorted({k for r in records for k in r} - own)  # the manifest's
-    fields = ["input", "path", *columns, "status", "predicted", *[f"p_{c}" for c in CLASSES], "combiner",
-              "lung_fraction", "rejection"]
+    overlay = ["overlay"] if any("overlay" in r for r in records) else []
+    fields = ["input", "path", *columns, "status", "predicted", *[f"p_{c}" for c in CLASSES], *UNCERTAINTY,
+              "combiner", "lung_fraction", "rejection", *overlay]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for r in records:
         probs = r.get("probabilities") or {}
-        writer.writerow({**r, **{f"p_{c}": probs.get(c, "") for c in CLASSES}})
+        writer.writerow({**r, **{f"p_{c}": probs.get(c, "") for c in CLASSES}, **(r.get("uncertainty") or {})})
     atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
@@ -102,12 +162,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--device", default="auto")
+    p.add_argument("--explain", action="store_true", help="write a Grad-CAM overlay PNG per classified input")
+    p.add_argument("--shard", default=None,
+                   help="i/n: only shard i (from 0) of n, logged apart (auto: from torchrun/SLURM variables)")
+    p.add_argument("--merge", action="store_true", help="combine the shards' logs into predictions.* and exit")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from .pipeline import Pipeline
 
     try:
+        if args.merge:
+            counts = merge_predictions(args.input, args.out)
+            print(json.dumps(counts))
+            return 0 if not counts["missing"] else 1
+        shard = Shard.parse(args.shard)
         settings = {k: v for k, v in (("k", args.k), ("seed", args.seed)) if v is not None}
         if args.segmenter or args.learners or args.ensemble:
             pipeline = Pipeline.from_bundles(args.segmenter, args.learners, args.ensemble, device=args.device,
@@ -115,9 +184,9 @@ def main(argv=None) -> int:
         else:
             pipeline = Pipeline.from_pretrained(args.pipeline, device=args.device, batch_size=args.batch_size,
                                                 **settings)
-        counts = run_predict(args.input, args.out, pipeline, batch_size=args.batch_size,
-                             progress=not args.no_progress)
-    except PatchflannelError as exc:
+        counts = run_predict(args.input, args.out, pipeline, batch_size=args.batch_size, explain=args.explain,
+                             progress=not args.no_progress, shard=shard)
+    except (PatchflannelError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(counts))

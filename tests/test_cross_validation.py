@@ -56,3 +56,22 @@ def test_quick_fold_trains_stacks_on_validation_predictions_and_resumes(cross_va
     again = cross_validation.main(argv)  # a finished fold is read back, not recomputed
     assert (out / "fold0" / "result.json").stat().st_mtime_ns == mtime
     assert again["models"]["FLANNEL ensemble"]["macro_f1"] == summary["models"]["FLANNEL ensemble"]["macro_f1"]
+    assert "temperature" in result["calibration"] and "ece" in result["models"]["FLANNEL ensemble"]
+
+
+def test_jobs_and_collector_reproduce_the_single_run(cross_validation, packs, tmp_path, capsys):
+    """A scheduler's view: one job per fold x member, then the collector; same result."""
+    common = ["--packs", *map(str, packs), "--image-roots", *(str(p.with_suffix("")) for p in packs),
+              "--n-folds", "3", "--folds", "0", "--learners", "resnet18", "--quick", "--no-progress"]
+    cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--print-jobs"])
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 3 and commands[-1].endswith("--job collect")  # resnet18, whole_image, collect
+    cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--job", "resnet18"])
+    with pytest.raises(SystemExit, match="no fold has finished"):  # the baseline job has not run
+        cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--job", "collect"])
+    for job in ("whole_image", "collect"):
+        cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--job", job])
+    single = cross_validation.main([*common, "--out", str(tmp_path / "single")])
+    jobs = json.loads((tmp_path / "jobs" / "summary.json").read_text())
+    for name in single["models"]:
+        assert jobs["models"][name]["macro_f1"] == single["models"][name]["macro_f1"]

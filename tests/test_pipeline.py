@@ -33,6 +33,8 @@ def test_predicts_files_and_arrays_reproducibly(pipeline, films):
     assert len(preds) == len(films) and all(isinstance(p, Prediction) and p.ok for p in preds)
     for p in preds:
         assert p.label in CLASSES and sum(p.probabilities.values()) == pytest.approx(1, abs=1e-4)
+        assert set(p.uncertainty) == {"entropy", "vote_entropy", "learner_disagreement", "margin"}
+        assert all(0 <= v <= 1 for v in p.uncertainty.values())
         assert list(p.learners) == pipeline.learner_names
         for learner in p.learners.values():
             assert sum(learner["votes"].values()) == pytest.approx(1)
@@ -41,6 +43,22 @@ def test_predicts_files_and_arrays_reproducibly(pipeline, films):
     array = pipeline.predict(load_image(films[0]))
     assert single.probabilities == preds[0].probabilities == array.probabilities  # seeded by content
     assert json.loads(json.dumps(single.to_dict()))["label"] == single.label
+
+
+def test_pipeline_sees_what_stage1_writes(pipeline, films, tmp_path):
+    """The learners classify the masked film (zero outside the lung), as they were trained:
+    the pipeline's learner probabilities equal the engine's on the Stage 1 output."""
+    from patchflannel.segment.batch import run_batch
+    from patchflannel.store import read_masked_npz
+
+    shutil.copy(films[0], tmp_path / "film.png")
+    run_batch(tmp_path / "film.png", tmp_path / "masked", pipeline.segmenter)
+    stage1 = read_masked_npz(next((tmp_path / "masked").rglob("*.npz")))
+    direct = pipeline.engine.predict(stage1["masked_image"][None], stage1["mask"][None])
+    pred = pipeline.predict(tmp_path / "film.png")
+    for li, name in enumerate(pipeline.learner_names):
+        got = np.array(list(pred.learners[name]["probabilities"].values()))
+        np.testing.assert_allclose(got, direct.probs[0, li].numpy(), atol=1e-5)
 
 
 def test_predictions_write_to_csv_and_json(pipeline, films, tmp_path):
@@ -76,12 +94,14 @@ def test_weight_module_combines_the_learners(pipeline, films, tmp_path):
 
     probs = torch.softmax(torch.randn(64, len(pipeline.learner_names), 4, generator=torch.Generator().manual_seed(0)), -1)
     module = fit_weight_module(probs, probs[:, 0].argmax(-1))
-    save_weight_module(tmp_path / "ens", module, learners=pipeline.learner_names, classes=list(CLASSES))
+    save_weight_module(tmp_path / "ens", module, learners=pipeline.learner_names, classes=list(CLASSES),
+                       temperature=0.5)
     combined = Pipeline.from_bundles(ensemble=tmp_path / "ens", device="cpu", k=K)
+    assert combined.temperature == 0.5
     pred = combined.predict(films[0])
     assert pred.combiner == "FLANNEL ensemble" and set(pred.learner_weights) == set(pipeline.learner_names)
     learner_probs = torch.tensor([[v["probabilities"][c] for c in CLASSES] for v in pred.learners.values()])
-    expected = module(learner_probs[None]).softmax(-1)[0]
+    expected = (module(learner_probs[None]) / 0.5).softmax(-1)[0]  # temperature-scaled logits
     assert [pred.probabilities[c] for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-4)
     save_weight_module(tmp_path / "ens3", fit_weight_module(probs[:, :2], probs[:, 0].argmax(-1)),
                        learners=pipeline.learner_names[:2], classes=list(CLASSES))
@@ -91,7 +111,7 @@ def test_weight_module_combines_the_learners(pipeline, films, tmp_path):
     # A saved pipeline bundle predicts exactly what the pipeline it came from predicts.
     combined.save_pretrained(tmp_path / "pipe")
     loaded = Pipeline.from_pretrained(tmp_path / "pipe", device="cpu")
-    assert loaded.engine.k == K and loaded.learner_names == combined.learner_names
+    assert loaded.engine.k == K and loaded.learner_names == combined.learner_names and loaded.temperature == 0.5
     again = loaded.predict(films[0])
     assert again.probabilities == pred.probabilities and again.learner_weights == pred.learner_weights
     with pytest.raises(WeightsError, match="pipeline.json"):

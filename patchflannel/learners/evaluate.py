@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..calibration import apply_temperature, expected_calibration_error
 from ..cv import read_split
 from ..metrics import classification_report, fraction_predicted, ranking_report
 from .bundle import load_learner_set
@@ -82,7 +83,26 @@ def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int 
     for j, name in enumerate(names):
         report["learners"][name] = score(test, probs[:len(test), j].numpy(),
                                          probs[len(test):, j].numpy() if external else None)
+    if ensemble_dir is not None:  # the calibration fitted with the module, on these unseen films
+        temperature = ens_config.get("temperature", 1.0)
+        calibrated = apply_temperature(probs[:len(test), names.index(FLANNEL_ENSEMBLE)], temperature).numpy()
+        truth = [CLASSES.index(r["label"]) for r in test]
+        report["learners"][FLANNEL_ENSEMBLE]["calibrated"] = {
+            "temperature": temperature, "ece": expected_calibration_error(calibrated, truth)}
     return report
+
+
+COHEN = "cohen"
+
+
+def covid_auc(truth: np.ndarray, probs: np.ndarray) -> float | None:
+    """ROC-AUC of p(covid) for covid films against all others (``None`` without both)."""
+    from sklearn.metrics import roc_auc_score
+
+    is_covid = np.asarray(truth) == CLASSES.index("covid")
+    if is_covid.all() or not is_covid.any():
+        return None
+    return float(roc_auc_score(is_covid, np.asarray(probs)[:, CLASSES.index("covid")]))
 
 
 def score(rows: list[dict], probs: np.ndarray, external_probs: np.ndarray | None = None) -> dict:
@@ -94,12 +114,19 @@ def score(rows: list[dict], probs: np.ndarray, external_probs: np.ndarray | None
     pred = probs.argmax(-1)
     entry = classification_report(truth, pred)
     entry["ranking"] = ranking_report(truth, probs)
+    entry["ece"] = expected_calibration_error(probs, truth)
     entry["by_source"] = {}
     for s in sorted({r["source"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["source"] == s]
         entry["by_source"][s] = classification_report(truth[idx], pred[idx])
     adult_normal = [i for i, r in enumerate(rows) if r["label"] == "normal" and r["source"] == "nih"]
     entry["adult_normal_called"] = fraction_predicted(pred[adult_normal]) if adult_normal else None
+    # Cohen's films are all adults from the same collection: covid against the rest there is
+    # the one comparison that age and hospital style cannot answer.
+    cohen = np.asarray([i for i, r in enumerate(rows) if r["source"] == COHEN], dtype=int)
+    cohen_other = cohen[truth[cohen] != CLASSES.index("covid")] if len(cohen) else cohen
+    entry["cohen_noncovid_called"] = fraction_predicted(pred[cohen_other]) if len(cohen_other) else None
+    entry["cohen_covid_auc"] = covid_auc(truth[cohen], probs[cohen]) if len(cohen) else None
     entry["external_other_pneumonia_called"] = (fraction_predicted(external_probs.argmax(-1))
                                                 if external_probs is not None and len(external_probs) else None)
     return entry

@@ -3,7 +3,8 @@ from .bundle import load_bundle, save_bundle
 from .fcdensenet import PRESETS, FCDenseNet, FCDenseNetConfig, create_fcdensenet
 from .model import build_segmentation_model
 from .postprocess import keep_largest_components, postprocess_mask
-from .segmenter import LungCheck, Segmentation, Segmenter, default_bundle_path
+from .gate import LungCheck, lung_features
+from .segmenter import Segmentation, Segmenter, default_bundle_path
 
 __all__ = [
     "PRESETS",
@@ -16,6 +17,7 @@ __all__ = [
     "create_fcdensenet",
     "default_bundle_path",
     "keep_largest_components",
+    "lung_features",
     "load_bundle",
     "postprocess_mask",
     "save_bundle",

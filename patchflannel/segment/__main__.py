@@ -5,6 +5,10 @@ INPUT is a folder (searched recursively for PNG/JPEG/TIFF/BMP/DICOM) or a manife
 HDF5 pack). Writes one masked ``.npz`` per image, ``summary.jsonl``/``summary.csv`` with
 every input's status, and optionally an HDF5 pack. Rerunning resumes. Exit code 1 only
 when inputs were given and none could be processed.
+
+Sharded (array jobs, several machines, or ``torchrun --nproc-per-node N ... --shard auto``):
+run ``--shard i/n`` for i = 0..n-1 into the same ``--out``, then ``--merge`` once (with
+``--h5`` for the pack); the result is that of one unsharded job.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import sys
 from pathlib import Path
 
 from ..errors import PatchflannelError
-from .batch import run_batch
+from ..shard import Shard
+from .batch import merge_shards, run_batch
 from .segmenter import Segmenter
 
 
@@ -35,17 +40,27 @@ def main(argv=None) -> int:
     p.add_argument("--retry-failed", action="store_true", help="retry inputs recorded as rejected or error")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs")
     p.add_argument("--no-amp", action="store_true", help="run the network in float32")
+    p.add_argument("--shard", default=None,
+                   help="i/n: only shard i (from 0) of n, logged apart (auto: from torchrun/SLURM variables)")
+    p.add_argument("--merge", action="store_true", help="combine the shards' summaries (and --h5) and exit")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        if args.merge:
+            counts = merge_shards(args.input, args.out, path_column=args.path_column, h5_path=args.h5)
+            print(json.dumps(counts))
+            return 0 if not counts["missing"] else 1
+        shard = Shard.parse(args.shard)
+        if shard is not None and args.h5:
+            p.error("--h5 is written by --merge once every shard has finished")
         segmenter = Segmenter.from_bundle(args.weights, device=args.device, amp=not args.no_amp,
                                           working_size=args.working_size, batch_size=args.batch_size)
         counts = run_batch(args.input, args.out, segmenter, batch_size=args.batch_size, workers=args.workers,
                            path_column=args.path_column, keep_unmasked=args.keep_unmasked,
                            retry_failed=args.retry_failed, h5_path=args.h5, progress=not args.no_progress,
-                           limit=args.limit)
-    except PatchflannelError as exc:
+                           limit=args.limit, shard=shard)
+    except (PatchflannelError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(counts))

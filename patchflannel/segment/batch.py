@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..errors import PatchflannelError
 from ..io import load_image
 from ..store import pack_npz_files, write_masked_npz
+from ..shard import Shard, shard_logs
 from ..training import atomic_write
 from .segmenter import Segmenter
 
@@ -110,9 +111,18 @@ def drop_torn_tail(path: Path) -> None:
             os.truncate(path, data.rfind(b"\n") + 1)
 
 
-def remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete temporary files a killed run left behind (one job per output folder at a time)."""
-    stale = [p for p in out_dir.rglob(".*.tmp") if p.is_file()]
+def _temp_target(tmp: Path, out_dir: Path) -> str:
+    """The output name (relative, ``.npz`` dropped) an ``atomic_write`` temp file was for."""
+    target = tmp.name[1:].rsplit(".", 2)[0]  # ".<name>.<random>.tmp" -> "<name>"
+    rel = (tmp.parent / target).relative_to(out_dir).as_posix()
+    return rel[:-4] if rel.endswith(".npz") else rel
+
+
+def remove_stale_temp_files(out_dir: Path, shard: Shard | None = None) -> int:
+    """Delete temporary files a killed run left behind: all of them, or only those of
+    ``shard``'s inputs when shards share the folder (the others may be live)."""
+    stale = [p for p in out_dir.rglob(".*.tmp")
+             if p.is_file() and (shard is None or shard.owns(_temp_target(p, out_dir)))]
     for p in stale:
         p.unlink(missing_ok=True)
     if stale:
@@ -130,16 +140,22 @@ def _finished(rec: dict | None, out_dir: Path, retry_failed: bool) -> bool:
 
 def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, workers: int = 2,
               path_column: str = "image", keep_unmasked: bool = False, retry_failed: bool = False,
-              h5_path=None, progress: bool = True, limit: int | None = None) -> dict:
+              h5_path=None, progress: bool = True, limit: int | None = None, shard: Shard | None = None) -> dict:
     """Segment every input of ``source`` into ``out_dir``; returns counts by status.
+
+    With ``shard``, only that shard's inputs (see :mod:`patchflannel.shard`), logged to the
+    shard's own summary; :func:`merge_shards` then writes the folder's summary and pack.
 
     Returns ``{"ok", "rejected", "error", "skipped", "total"}`` for this run.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = collect_inputs(source, path_column)[:limit]
-    remove_stale_temp_files(out_dir)
-    done = read_summary(out_dir)
+    if shard is not None:
+        inputs = [x for x in inputs if shard.owns(x.name)]
+    log_path = out_dir / (shard.log_name(SUMMARY_JSONL) if shard else SUMMARY_JSONL)
+    remove_stale_temp_files(out_dir, shard)
+    done = {**read_summary(out_dir), **read_records(log_path)}
     todo = [x for x in inputs if not _finished(done.get(x.name), out_dir, retry_failed)]
     counts = {"ok": 0, "rejected": 0, "error": 0, "skipped": len(inputs) - len(todo), "total": len(inputs)}
     cv2.setNumThreads(1)  # the worker threads are the parallelism; avoid oversubscribing the cores
@@ -163,8 +179,8 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
                          keep_unmasked=keep_unmasked)
         return {**rec, "status": "ok", "output": out.relative_to(out_dir.resolve()).as_posix()}
 
-    drop_torn_tail(out_dir / SUMMARY_JSONL)
-    summary = open(out_dir / SUMMARY_JSONL, "a")
+    drop_torn_tail(log_path)
+    summary = open(log_path, "a")
 
     def record(rec: dict) -> None:
         counts[rec["status"]] += 1
@@ -226,15 +242,41 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
     finally:
         bar.close()
         summary.close()
-    write_summary_csv(out_dir)
-    if h5_path is not None:
-        records = read_summary(out_dir)
-        ok = [(x, records[x.name]) for x in inputs if records.get(x.name, {}).get("status") == "ok"]
-        if ok:
-            cols = sorted({k for x, _ in ok for k in x.columns})
-            columns = {"input": [x.name for x, _ in ok], **{k: [x.columns.get(k, "") for x, _ in ok] for k in cols}}
-            pack_npz_files([out_dir / rec["output"] for _, rec in ok], h5_path, columns)
+    if shard is None:
+        write_summary_csv(out_dir)
+        if h5_path is not None:
+            write_pack(inputs, read_summary(out_dir), out_dir, h5_path)
     return counts
+
+
+def write_pack(inputs: list[BatchInput], records: dict[str, dict], out_dir: Path, h5_path) -> None:
+    """Pack the ``ok`` outputs of ``inputs`` (in input order) with their manifest columns."""
+    ok = [(x, records[x.name]) for x in inputs if records.get(x.name, {}).get("status") == "ok"]
+    if ok:
+        cols = sorted({k for x, _ in ok for k in x.columns})
+        columns = {"input": [x.name for x, _ in ok], **{k: [x.columns.get(k, "") for x, _ in ok] for k in cols}}
+        pack_npz_files([out_dir / rec["output"] for _, rec in ok], h5_path, columns)
+
+
+def merge_shards(source, out_dir, *, path_column: str = "image", h5_path=None) -> dict:
+    """Combine the shard summaries of ``out_dir`` into ``summary.jsonl``/``summary.csv`` (and
+    the HDF5 pack), in input order, then remove them; returns counts by status and how many
+    inputs no shard has done yet."""
+    out_dir = Path(out_dir)
+    inputs = collect_inputs(source, path_column)
+    records = read_summary(out_dir)
+    logs = shard_logs(out_dir, SUMMARY_JSONL)
+    for log_file in logs:
+        records.update(read_records(log_file))
+    ordered = [records[x.name] for x in inputs if x.name in records]
+    atomic_write(out_dir / SUMMARY_JSONL, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in ordered)))
+    write_summary_csv(out_dir)
+    for log_file in logs:  # now in summary.jsonl; a later unsharded rerun appends there
+        log_file.unlink()
+    if h5_path is not None:
+        write_pack(inputs, records, out_dir, h5_path)
+    counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
+    return {**counts, "total": len(inputs), "missing": len(inputs) - len(ordered)}
 
 
 def write_summary_csv(out_dir: Path) -> None:

@@ -15,6 +15,7 @@ from ..io import as_grey_float
 from ..preprocess import Letterbox, SegmenterPreprocess, resize
 from ..training import autocast, resolve_device
 from .bundle import load_bundle
+from .gate import LungCheck
 from .postprocess import postprocess_mask
 
 #: Environment variable that may point to a segmenter bundle folder.
@@ -28,26 +29,6 @@ def default_bundle_path() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2] / "weights" / DEFAULT_BUNDLE
-
-
-@dataclass(frozen=True)
-class LungCheck:
-    """Plausibility limits on the lung mask; outside them the image is rejected, not segmented.
-
-    Fractions are of the image area (the lungseg masks span 0.09-0.61).
-    """
-
-    min_area_fraction: float = 0.03
-    max_area_fraction: float = 0.85
-
-    def reason(self, mask: np.ndarray) -> str | None:
-        """Why ``mask`` is implausible as a pair of lungs, or ``None`` when it is plausible."""
-        fraction = float(mask.mean())
-        if fraction < self.min_area_fraction:
-            return f"no plausible lungs found (lung area {fraction:.1%} of the image, minimum {self.min_area_fraction:.0%})"
-        if fraction > self.max_area_fraction:
-            return f"implausible lung mask (lung area {fraction:.1%} of the image, maximum {self.max_area_fraction:.0%})"
-        return None
 
 
 @dataclass
@@ -75,6 +56,11 @@ class Segmentation:
     @property
     def ok(self) -> bool:
         return self.rejection is None
+
+    @property
+    def masked_working_image(self) -> np.ndarray:
+        """The working image, zero outside the lung mask: what the patch learners see."""
+        return np.where(self.working_mask, self.working_image, 0).astype(np.uint8)
 
 
 class Segmenter:
@@ -149,8 +135,8 @@ class Segmenter:
                                        self.threshold)
             working_mask = box.place(content)
         checked = mask if mask is not None else content if content is not None else postprocess_mask(probability, self.threshold)
-        return Segmentation(probability, mask, working_image, working_mask, box, self.lung_check.reason(checked),
-                            float(checked.mean()))
+        return Segmentation(probability, mask, working_image, working_mask, box,
+                            self.lung_check.reason(probability, self.threshold), float(checked.mean()))
 
     def segment_batch(self, images: Sequence[np.ndarray], **kwargs) -> list[Segmentation]:
         """Segment several float grey images (any sizes) in batched forward passes."""
