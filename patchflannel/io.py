@@ -89,6 +89,13 @@ def to_grey_float(array: np.ndarray, name: str | os.PathLike | None = None) -> n
     return ((array_f - lo) / (hi - lo)).astype(np.float32)
 
 
+def check_size(image: np.ndarray, name: str | os.PathLike | None = None, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """``image`` itself, if its size is within ``limits`` (what :func:`load_image` applies to
+    files); else :class:`InvalidImageError`."""
+    _check_shape(name, np.shape(image), limits)
+    return image
+
+
 def as_grey_float(array: np.ndarray, name: str | os.PathLike | None = None) -> np.ndarray:
     """``array`` itself when it is already a float32 2-D grey image in [0, 1] (what
     :func:`load_image` returns), else :func:`to_grey_float` of it."""

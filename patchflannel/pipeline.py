@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .calibration import apply_temperature, uncertainty
 from .errors import InvalidImageError, WeightsError
-from .io import as_grey_float, load_image
+from .io import as_grey_float, check_size, load_image
 from .learners.bundle import DEFAULT_LEARNERS, load_learner_set
 from .learners.engine import PatchEngine
 from .learners.evaluate import FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
@@ -233,7 +233,8 @@ class Pipeline:
             name = str(item) if isinstance(item, (str, os.PathLike)) else f"array[{offset + i}]"
             pred = Prediction(source=name)
             try:
-                images.append(load_image(item) if isinstance(item, (str, os.PathLike)) else as_grey_float(item))
+                images.append(load_image(item) if isinstance(item, (str, os.PathLike))
+                              else check_size(as_grey_float(item, name), name))
             except InvalidImageError as exc:
                 pred.rejection = str(exc)
                 images.append(None)

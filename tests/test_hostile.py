@@ -23,17 +23,17 @@ from patchflannel.segment.batch import read_summary, run_batch
 from .test_io import _dicom, _png_header_only
 
 
-def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+def _encode(image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **kw)
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, format=fmt, **kw)
     return buf.getvalue()
 
 
 def fuzz_corpus(film: Path, tmp: Path) -> dict[str, tuple[bytes, str]]:
     """``{file name: (bytes, expected)}``: expected is ``"ok"`` (a valid image of a chest: must
     classify), ``"rejected"`` (decodes, but is no chest film) or a regex the error must match."""
-    png = film.read_bytes()
-    grey = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    grey = cv2.imread(str(film), cv2.IMREAD_GRAYSCALE)
+    png = _encode(grey, "PNG")
     rgb = np.dstack([grey] * 3)
     _dicom(tmp / "nopix.dcm", grey, with_pixels=False)
     _dicom(tmp / "ok.dcm", grey)
@@ -41,6 +41,7 @@ def fuzz_corpus(film: Path, tmp: Path) -> dict[str, tuple[bytes, str]]:
     return {
         "zero_bytes.png": (b"", "empty"),
         "truncated_half.png": (png[: len(png) // 2], "truncated|corrupt"),
+        "truncated_jpeg.jpg": (_encode(grey, "JPEG")[:3000], "truncated|corrupt"),
         "truncated_header.png": (png[:40], "truncated|corrupt|not a recognised"),
         "random_bytes.png": (rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), "not a recognised"),
         "random_bytes.dcm": (rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), "DICOM|not a recognised"),
@@ -51,8 +52,8 @@ def fuzz_corpus(film: Path, tmp: Path) -> dict[str, tuple[bytes, str]]:
         "uint16.tif": (_encode((grey.astype(np.uint16) * 257), "TIFF"), "ok"),
         "float32.tif": (_encode(grey.astype(np.float32) / 255, "TIFF"), "ok"),
         "rgba.png": (_encode(np.dstack([rgb, np.full_like(grey, 255)]), "PNG"), "ok"),
-        "palette.png": (_encode(np.asarray(Image.fromarray(grey).convert("P")), "PNG"), "ok"),
-        "cmyk.jpg": (_encode(np.asarray(Image.fromarray(rgb).convert("CMYK")), "JPEG"), "ok"),
+        "palette.png": (_encode(Image.fromarray(rgb).convert("P"), "PNG"), "ok"),
+        "cmyk.jpg": (_encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"), "ok"),
         "dicom_ok.dcm": ((tmp / "ok.dcm").read_bytes(), "ok"),
         "dicom_no_pixels.dcm": ((tmp / "nopix.dcm").read_bytes(), "no pixel data"),
         "black.png": (_encode(np.zeros_like(grey), "PNG"), "rejected"),
@@ -63,13 +64,13 @@ def fuzz_corpus(film: Path, tmp: Path) -> dict[str, tuple[bytes, str]]:
 @pytest.fixture(scope="module")
 def corpus(cxr4_rows, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    film = Path(next(r["image"] for r in cxr4_rows if r["label"] == "covid" and r["image"].endswith(".png")))
+    film = Path(next(r["image"] for r in cxr4_rows if r["label"] == "covid"))
     cases = fuzz_corpus(film, tmp_path_factory.mktemp("fuzz_src"))
     for name, (data, _) in cases.items():
         (root / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "in" / name).write_bytes(data)
     # A manifest with a missing file and paths that climb out of its folder.
-    (root / "outside.png").write_bytes(film.read_bytes())
+    (root / "outside.png").write_bytes(cases["png_named.jpg"][0])
     (root / "in" / "manifest.csv").write_text(
         "image,label\n" + "".join(f"{n},x\n" for n in cases) + "missing.png,x\n../outside.png,x\n../../etc/passwd,x\n")
     return root, cases
