@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bundle import load_state, read_bundle, write_bundle
+from .distributed import setup
 
 
 class FlannelWeightModule(nn.Module):
@@ -150,13 +151,24 @@ def fit_weight_module(probs, labels, config: WeightModuleConfig | None = None,
     num_classes = probs.shape[2]
     torch.manual_seed(config.seed)
     module = FlannelWeightModule(probs.shape[1], num_classes, hidden=config.hidden)
-    loss_fn = FocalLoss(class_alpha(labels, num_classes) if alpha is None else alpha, gamma=config.gamma)
+    alpha = class_alpha(labels, num_classes) if alpha is None else alpha
+    # Under torchrun each rank takes a share of the films and the summed gradients are the
+    # full batch's: the same module as one process fits.
+    place, _ = setup(torch.device("cpu"))
+    n_total = len(labels)
+    probs, labels = place.share(probs), place.share(labels)
+    loss_fn = FocalLoss(alpha, gamma=config.gamma, reduction="sum" if place.active else "mean")
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     module.train()
     for _ in range(config.steps):
         optimizer.zero_grad()
         loss = loss_fn(module(probs), labels)
+        if place.active:
+            loss = loss / n_total  # this rank's part of the mean over all films
         loss.backward()
+        if place.active:
+            for p in module.parameters():
+                torch.distributed.all_reduce(p.grad)
         optimizer.step()
     return module.eval()
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..distributed import setup, unwrap, wrap
 from ..cv import read_split, split_patients, write_split
 from ..metrics import classification_report
 from ..patches import extract_patches, sample_centres
@@ -188,10 +189,12 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         raise ValueError("whole-image training needs one image folder per pack (image_roots)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(device)
+    place, device = setup(resolve_device(device))  # one process, or this rank of a torchrun job
+    progress = progress and place.main
     rows = read_rows(packs)
     split = make_split(rows, cfg)
-    write_split({r["patient_id"]: split[r["patient_id"]] for r in rows}, out_dir / "split.csv")
+    if place.main:
+        write_split({r["patient_id"]: split[r["patient_id"]] for r in rows}, out_dir / "split.csv")
     labelled = [i for i, r in enumerate(rows) if r["label"] in CLASSES]
     train_idx = [i for i in labelled if split[rows[i]["patient_id"]] == "train"]
     val_idx = [i for i in labelled if split[rows[i]["patient_id"]] == "val"]
@@ -242,6 +245,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         start_epoch = state["epoch"] + 1
         elapsed = history[-1]["elapsed_s"] if history else 0.0
         log.info("resumed after epoch %d (best val macro-F1 %.4f)", state["epoch"] + 1, best)
+    model = wrap(model, place, device)
     record = {k: v for k, v in asdict(cfg).items() if k != "split_file"}
     record["packs"] = [Path(p).name for p in packs]
 
@@ -265,29 +269,35 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = order[step * images_per_step:(step + 1) * images_per_step]
-            x = draw_inputs(train_set, idx, cfg, generator)
-            y = torch.as_tensor(train_set.labels[idx.numpy()]).repeat_interleave(per_image).to(device)
+            x = draw_inputs(train_set, idx, cfg, generator)  # the global batch, on every rank alike
+            y = torch.as_tensor(train_set.labels[idx.numpy()]).repeat_interleave(per_image)
+            x, y = place.share(x), place.share(y).to(device)
             losses.append(optimization_step(model, (x - cfg.normalization.mean) / cfg.normalization.std,
                                             lambda logits: F.cross_entropy(logits.float(), y, weight=loss_weight),
                                             optimizer, scheduler, device=device, amp=cfg.amp,
                                             channels_last=cfg.channels_last))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        report = evaluate(model, val_set, cfg, device, cfg.val_k)
+        report = place.broadcast(evaluate(unwrap(model), val_set, cfg, device, cfg.val_k) if place.main else None)
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": report["macro_f1"],
                         "val_accuracy": report["accuracy"],
                         "val_f1": {c: v["f1"] for c, v in report["per_class"].items()},
                         "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
-        log.info("epoch %d: loss %.4f, val macro-F1 %.4f, %.0f s", epoch + 1, np.mean(losses), report["macro_f1"], elapsed)
+        if place.main:
+            log.info("epoch %d: loss %.4f, val macro-F1 %.4f, %.0f s", epoch + 1, np.mean(losses), report["macro_f1"],
+                     elapsed)
         if report["macro_f1"] > best:
             best, best_epoch = report["macro_f1"], epoch + 1
-            save_learner(out_dir / "bundle", model, name=cfg.learner, patch_size=cfg.patch_size,
+        if place.main and best_epoch == epoch + 1:
+            save_learner(out_dir / "bundle", unwrap(model), name=cfg.learner, patch_size=cfg.patch_size,
                          normalization=cfg.normalization,
                          extra={"input": cfg.input,
                                 "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
-        save_training_state(ckpt_path, model, optimizer, scheduler, epoch=epoch, best=best, best_epoch=best_epoch,
-                            history=json.dumps(history))
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        if place.main:
+            save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
+                                best_epoch=best_epoch, history=json.dumps(history))
+            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        place.barrier()  # a resumed job finds the checkpoint every rank trained to
         epochs_run += 1
     return {"history": history, "best_val_macro_f1": best, "best_epoch": best_epoch}
 
@@ -320,6 +330,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true", help="train in float32 (faster than bf16 for depthwise "
                    "convolutions on CPU)")
+    p.add_argument("--no-channels-last", action="store_true", help="contiguous tensors instead of channels_last")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
     p.add_argument("--max-epochs-this-run", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -328,7 +339,8 @@ def main(argv=None) -> None:
     cfg = LearnerTrainConfig(learner=args.learner, input=args.input, weights=args.weights, freeze_fraction=args.freeze_fraction,
                              epochs=args.epochs, batch_size=args.batch_size, patches_per_image=args.patches_per_image,
                              optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, balance=args.balance, patience=args.patience,
-                             val_k=args.val_k, amp=not args.no_amp, split_file=args.split)
+                             val_k=args.val_k, amp=not args.no_amp, channels_last=not args.no_channels_last,
+                             split_file=args.split)
     result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,
                    max_epochs_this_run=args.max_epochs_this_run, image_roots=args.image_roots)
     print(json.dumps({"best_val_macro_f1": result["best_val_macro_f1"], "best_epoch": result["best_epoch"],

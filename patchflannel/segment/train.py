@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..cv import read_split, split_patients, write_split
 from ..data import read_manifest
+from ..distributed import setup, unwrap, wrap
 from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
@@ -145,7 +146,8 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     ``max_epochs_this_run`` stops early after that many epochs (the schedule still spans
     ``cfg.epochs``), so a run can be spread over several invocations.
     """
-    device = resolve_device(device)
+    place, device = setup(resolve_device(device))  # one process, or this rank of a torchrun job
+    progress = progress and place.main
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     rows = read_manifest(data_dir / "manifest.csv")
@@ -154,9 +156,9 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         split = read_split(split_path)
     elif cfg.split_file:
         split = read_split(cfg.split_file)
-        write_split(split, split_path)
     else:
         split = split_patients(rows, cfg.split_fractions, seed=cfg.seed)
+    if place.main and not split_path.exists():
         write_split(split, split_path)
     train_rows = [r for r in rows if split[r["patient_id"]] == "train" and r["source"] in cfg.train_sources]
     val_rows = [r for r in rows if split[r["patient_id"]] == "val" and r["source"] in cfg.train_sources]
@@ -190,6 +192,7 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         history, best, start_epoch = json.loads(state["history"]), state["best"], state["epoch"] + 1
         elapsed = history[-1]["elapsed_s"] if history else 0.0
         log.info("resumed after epoch %d (best val Jaccard %.4f)", state["epoch"], best)
+    model = wrap(model, place, device)
 
     training_record = dict(cfg.__dict__)
     if cfg.encoder_weights:  # a file name and hash, not a path on the training machine
@@ -213,24 +216,29 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x, y = augment(train_set.images[idx], train_set.masks[idx], cfg, generator)
-            y = y.to(device)
+            x, y = augment(train_set.images[idx], train_set.masks[idx], cfg, generator)  # global batch
+            x, y = place.share(x), place.share(y).to(device)
             losses.append(optimization_step(model, (x - preprocess.mean) / preprocess.std,
                                             lambda logits: dice_bce_loss(logits, y), optimizer, scheduler,
                                             device=device, amp=cfg.amp, channels_last=cfg.channels_last))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        val_j = validation_jaccard(model, val_set, preprocess, device, cfg.amp, cfg.channels_last)
+        val_j = place.broadcast(validation_jaccard(unwrap(model), val_set, preprocess, device, cfg.amp,
+                                                   cfg.channels_last) if place.main else None)
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_jaccard": val_j,
                         "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
-        log.info("epoch %d: loss %.4f, val Jaccard %.4f, %.0f s", epoch + 1, np.mean(losses), val_j, elapsed)
-        if val_j > best:
-            best = val_j
-            save_bundle(out_dir / "bundle", model, architecture=cfg.architecture, preprocess=preprocess,
+        if place.main:
+            log.info("epoch %d: loss %.4f, val Jaccard %.4f, %.0f s", epoch + 1, np.mean(losses), val_j, elapsed)
+        improved = val_j > best
+        best = max(best, val_j)
+        if place.main and improved:
+            save_bundle(out_dir / "bundle", unwrap(model), architecture=cfg.architecture, preprocess=preprocess,
                         extra={"training": {**training_record, "best_epoch": epoch + 1, "val_jaccard": val_j}})
-        save_training_state(ckpt_path, model, optimizer, scheduler, epoch=epoch, best=best,
-                            history=json.dumps(history))
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        if place.main:
+            save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
+                                history=json.dumps(history))
+            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+        place.barrier()
         epochs_run += 1
     return {"history": history, "best_val_jaccard": best}
 
