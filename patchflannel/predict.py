@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from .errors import PatchflannelError
 from .learners.registry import CLASSES
-from .segment.batch import BatchInput, collect_inputs, drop_torn_tail, read_records
-from .shard import Shard, shard_logs
+from .segment.batch import BatchInput, collect_inputs, drop_torn_tail, merge_logs, read_records
+from .shard import Shard
 from .training import atomic_write
 
 log = logging.getLogger(__name__)
@@ -115,14 +115,7 @@ def merge_predictions(source, out_dir) -> dict:
     (input order), then remove them; returns counts by status and how many inputs are missing."""
     out_dir = Path(out_dir)
     items = collect_inputs(source)
-    records = read_records(out_dir / JSONL)
-    logs = shard_logs(out_dir, JSONL)
-    for log_file in logs:
-        records.update(read_records(log_file))
-    ordered = [records[it.name] for it in items if it.name in records]
-    atomic_write(out_dir / JSONL, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in ordered)))
-    for log_file in logs:
-        log_file.unlink()
+    ordered = merge_logs(out_dir, JSONL, [it.name for it in items])
     write_csv(out_dir / CSV, ordered)
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
     return {"inputs": len(items), **counts, "missing": len(items) - len(ordered)}

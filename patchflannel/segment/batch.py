@@ -258,21 +258,30 @@ def write_pack(inputs: list[BatchInput], records: dict[str, dict], out_dir: Path
         pack_npz_files([out_dir / rec["output"] for _, rec in ok], h5_path, columns)
 
 
+def merge_logs(out_dir: Path, base: str, names: list[str]) -> list[dict]:
+    """Fold the shard logs of ``base`` (e.g. ``summary.jsonl``) into ``out_dir/base``: the last
+    record of each of ``names``, in that order, written atomically; the shard logs are then
+    removed (a later unsharded rerun appends to ``base``). Returns the records."""
+    records = read_records(out_dir / base)
+    logs = shard_logs(out_dir, base)
+    for log_file in logs:
+        records.update(read_records(log_file))
+    ordered = [records[n] for n in names if n in records]
+    atomic_write(out_dir / base, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in ordered)))
+    for log_file in logs:
+        log_file.unlink()
+    return ordered
+
+
 def merge_shards(source, out_dir, *, path_column: str = "image", h5_path=None) -> dict:
     """Combine the shard summaries of ``out_dir`` into ``summary.jsonl``/``summary.csv`` (and
     the HDF5 pack), in input order, then remove them; returns counts by status and how many
     inputs no shard has done yet."""
     out_dir = Path(out_dir)
     inputs = collect_inputs(source, path_column)
-    records = read_summary(out_dir)
-    logs = shard_logs(out_dir, SUMMARY_JSONL)
-    for log_file in logs:
-        records.update(read_records(log_file))
-    ordered = [records[x.name] for x in inputs if x.name in records]
-    atomic_write(out_dir / SUMMARY_JSONL, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in ordered)))
+    ordered = merge_logs(out_dir, SUMMARY_JSONL, [x.name for x in inputs])
+    records = {r["input"]: r for r in ordered}
     write_summary_csv(out_dir)
-    for log_file in logs:  # now in summary.jsonl; a later unsharded rerun appends there
-        log_file.unlink()
     if h5_path is not None:
         write_pack(inputs, records, out_dir, h5_path)
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
