@@ -48,11 +48,11 @@ class Distributed:
         bounds = [len(batch) * r // self.world for r in range(self.world + 1)]
         return batch[bounds[self.rank]:bounds[self.rank + 1]]
 
-    def broadcast(self, value):
-        """``value`` from rank 0 on every rank (any picklable object)."""
+    def from_main(self, compute):
+        """``compute()`` run on rank 0 only, its result on every rank (any picklable object)."""
         if not self.active:
-            return value
-        box = [value]
+            return compute()
+        box = [compute() if self.main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 

@@ -82,17 +82,14 @@ def place_cams(cams: torch.Tensor, centres: torch.Tensor, shape: tuple[int, int]
     h, w = shape[0] // stride, shape[1] // stride
     size = cams.shape[-1] // stride
     small = F.interpolate(cams[:, None].float(), size=(size, size), mode="area")
-    total, count = torch.zeros(1, 1, h, w), torch.zeros(1, 1, h, w)
-    # Scatter each patch with the same indexing that cut it (extract_patches, run in reverse).
+    # Scatter each patch with the indexing that cut it (extract_patches' zero-padded frame).
     half = size // 2
-    padded_total = F.pad(total, (half, size - half, half, size - half))
-    padded_count = F.pad(count, (half, size - half, half, size - half))
+    total, count = torch.zeros(h + size, w + size), torch.zeros(h + size, w + size)
     for cam, (r, c) in zip(small[:, 0], (centres // stride).tolist()):
-        padded_total[0, 0, r:r + size, c:c + size] += cam
-        padded_count[0, 0, r:r + size, c:c + size] += 1
-    total = padded_total[0, 0, half:half + h, half:half + w]
-    count = padded_count[0, 0, half:half + h, half:half + w]
-    return (total / count.clamp_min(1)).numpy().astype(np.float32)
+        total[r:r + size, c:c + size] += cam
+        count[r:r + size, c:c + size] += 1
+    inside = (slice(half, half + h), slice(half, half + w))
+    return (total[inside] / count[inside].clamp_min(1)).numpy().astype(np.float32)
 
 
 def lung_heatmap(models: Sequence[nn.Module], normalize, image: np.ndarray, mask: np.ndarray, centres,

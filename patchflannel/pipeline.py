@@ -250,8 +250,8 @@ class Pipeline:
                 todo.append((i, seg))
         if not todo:
             return preds
-        result = self.engine.predict(np.stack([s.masked_working_image for _, s in todo]),
-                                     np.stack([s.working_mask for _, s in todo]))
+        masked = np.stack([s.masked_working_image for _, s in todo])
+        result = self.engine.predict(masked, np.stack([s.working_mask for _, s in todo]))
         probs = result.probs  # (n, L, C); NaN rows for images the engine rejected
         weights = combined = None
         if self.weight_module is not None:
@@ -279,15 +279,14 @@ class Pipeline:
                 pred.learner_weights = {n: round(float(w), 6) for n, w in zip(self.learner_names, weights[j])}
             pred.centres = result.centres[j].numpy()
             if explain:
-                self._explain(pred, todo[j][1])
+                self._explain(pred, todo[j][1], masked[j])
         return preds
 
-    def _explain(self, pred: Prediction, seg) -> None:
+    def _explain(self, pred: Prediction, seg, masked: np.ndarray) -> None:
         from .explain import lung_heatmap
 
         weights = list(pred.learner_weights.values()) if pred.learner_weights else None
-        pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, seg.masked_working_image,
-                                          seg.working_mask, pred.centres, CLASSES.index(pred.label),
-                                          patch_size=self.engine.patch_size, weights=weights, device=self.engine.device)
+        pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, masked, seg.working_mask,
+                                          pred.centres, CLASSES.index(pred.label), patch_size=self.engine.patch_size, weights=weights, device=self.engine.device)
         pred.learner_heatmaps = dict(zip(self.learner_names, maps))
         pred.working_image = seg.working_image

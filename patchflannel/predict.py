@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .errors import PatchflannelError
 from .learners.registry import CLASSES
-from .segment.batch import BatchInput, collect_inputs, drop_torn_tail, merge_logs, read_records
+from .segment.batch import BatchInput, collect_inputs, drop_torn_tail, merge_logs, read_done
 from .shard import Shard
 from .training import atomic_write
 
@@ -59,7 +59,7 @@ def write_overlay(out_dir: Path, record: dict, pred) -> None:
     from .viz import explanation_figure
 
     name = Path("overlays") / overlay_name(record["input"])
-    ok, png = cv2.imencode(".png", explanation_figure(pred))
+    _, png = cv2.imencode(".png", explanation_figure(pred))
     (out_dir / "overlays").mkdir(exist_ok=True)
     atomic_write(out_dir / name, lambda tmp: Path(tmp).write_bytes(png.tobytes()))
     record["overlay"] = str(name)
@@ -76,27 +76,28 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
     if shard is not None:
         items = [it for it in items if shard.owns(it.name)]
     log_path = out_dir / (shard.log_name(JSONL) if shard else JSONL)
-    done = {**read_records(out_dir / JSONL), **read_records(log_path)}
+    done = read_done(out_dir, JSONL, log_path)
     drop_torn_tail(log_path)
     todo = [it for it in items if it.name not in done]
     log.info("%d inputs, %d already done", len(items), len(items) - len(todo))
+
+    def record(item: BatchInput, pred) -> dict:
+        rec = record_for(item, pred)
+        if explain and pred.ok:
+            write_overlay(out_dir, rec, pred)
+        return rec
+
     with open(log_path, "a") as sink:
         for start in tqdm(range(0, len(todo), batch_size), desc="predicting", disable=not progress):
             batch = todo[start:start + batch_size]
             try:
-                preds = pipeline.predict([it.path for it in batch], explain=explain)
-                records = [record_for(it, p) for it, p in zip(batch, preds)]
-                for record, pred in zip(records, preds):
-                    if explain and pred.ok:
-                        write_overlay(out_dir, record, pred)
+                records = [record(it, p) for it, p in zip(batch, pipeline.predict([it.path for it in batch],
+                                                                                  explain=explain))]
             except Exception:  # one bad input must not take its batch down: retry one by one
                 records = []
                 for it in batch:
                     try:
-                        pred = pipeline.predict(it.path, explain=explain)
-                        records.append(record_for(it, pred))
-                        if explain and pred.ok:
-                            write_overlay(out_dir, records[-1], pred)
+                        records.append(record(it, pipeline.predict(it.path, explain=explain)))
                     except Exception as exc:
                         log.exception("failed on %s", it.path)
                         records.append({"input": it.name, "path": str(it.path), **it.columns, "status": "error",

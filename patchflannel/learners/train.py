@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..distributed import setup, unwrap, wrap
 from ..cv import read_split, split_patients, write_split
+from ..distributed import setup, unwrap, wrap
 from ..metrics import classification_report
 from ..patches import extract_patches, sample_centres
 from ..training import (
@@ -277,23 +277,22 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
                                             optimizer, scheduler, device=device, amp=cfg.amp,
                                             channels_last=cfg.channels_last))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        report = place.broadcast(evaluate(unwrap(model), val_set, cfg, device, cfg.val_k) if place.main else None)
+        report = place.from_main(lambda: evaluate(unwrap(model), val_set, cfg, device, cfg.val_k))
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": report["macro_f1"],
                         "val_accuracy": report["accuracy"],
                         "val_f1": {c: v["f1"] for c, v in report["per_class"].items()},
                         "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
-        if place.main:
-            log.info("epoch %d: loss %.4f, val macro-F1 %.4f, %.0f s", epoch + 1, np.mean(losses), report["macro_f1"],
-                     elapsed)
         if report["macro_f1"] > best:
             best, best_epoch = report["macro_f1"], epoch + 1
-        if place.main and best_epoch == epoch + 1:
-            save_learner(out_dir / "bundle", unwrap(model), name=cfg.learner, patch_size=cfg.patch_size,
-                         normalization=cfg.normalization,
-                         extra={"input": cfg.input,
-                                "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
-        if place.main:
+        if place.main:  # rank 0 logs and writes; the others follow its validation score
+            log.info("epoch %d: loss %.4f, val macro-F1 %.4f, %.0f s", epoch + 1, np.mean(losses), report["macro_f1"],
+                     elapsed)
+            if best_epoch == epoch + 1:
+                save_learner(out_dir / "bundle", unwrap(model), name=cfg.learner, patch_size=cfg.patch_size,
+                             normalization=cfg.normalization,
+                             extra={"input": cfg.input,
+                                    "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
             save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
                                 best_epoch=best_epoch, history=json.dumps(history))
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))

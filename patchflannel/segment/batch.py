@@ -103,6 +103,14 @@ def read_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def read_done(out_dir: Path, base: str, log_path: Path) -> dict[str, dict]:
+    """What a (sharded) job has already recorded: the folder's ``base`` log, then its own."""
+    done = read_records(out_dir / base)
+    if log_path != out_dir / base:
+        done.update(read_records(log_path))
+    return done
+
+
 def drop_torn_tail(path: Path) -> None:
     """Cut a partial last line (a run killed mid-write) so appended records start on a new line."""
     if path.exists() and path.stat().st_size:
@@ -155,7 +163,7 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
         inputs = [x for x in inputs if shard.owns(x.name)]
     log_path = out_dir / (shard.log_name(SUMMARY_JSONL) if shard else SUMMARY_JSONL)
     remove_stale_temp_files(out_dir, shard)
-    done = {**read_summary(out_dir), **read_records(log_path)}
+    done = read_done(out_dir, SUMMARY_JSONL, log_path)
     todo = [x for x in inputs if not _finished(done.get(x.name), out_dir, retry_failed)]
     counts = {"ok": 0, "rejected": 0, "error": 0, "skipped": len(inputs) - len(todo), "total": len(inputs)}
     cv2.setNumThreads(1)  # the worker threads are the parallelism; avoid oversubscribing the cores
@@ -243,9 +251,10 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
         bar.close()
         summary.close()
     if shard is None:
-        write_summary_csv(out_dir)
+        records = read_summary(out_dir)
+        write_summary_csv(out_dir, records)
         if h5_path is not None:
-            write_pack(inputs, read_summary(out_dir), out_dir, h5_path)
+            write_pack(inputs, records, out_dir, h5_path)
     return counts
 
 
@@ -281,16 +290,15 @@ def merge_shards(source, out_dir, *, path_column: str = "image", h5_path=None) -
     inputs = collect_inputs(source, path_column)
     ordered = merge_logs(out_dir, SUMMARY_JSONL, [x.name for x in inputs])
     records = {r["input"]: r for r in ordered}
-    write_summary_csv(out_dir)
+    write_summary_csv(out_dir, records)
     if h5_path is not None:
         write_pack(inputs, records, out_dir, h5_path)
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
     return {**counts, "total": len(inputs), "missing": len(inputs) - len(ordered)}
 
 
-def write_summary_csv(out_dir: Path) -> None:
-    """Rewrite ``summary.csv`` (one row per input, its last status) from ``summary.jsonl``."""
-    records = read_summary(out_dir)
+def write_summary_csv(out_dir: Path, records: dict[str, dict]) -> None:
+    """Rewrite ``summary.csv``: one row per input of ``records`` (the last of each in ``summary.jsonl``)."""
     fields = ["input", "status", "reason", "output", "lung_fraction", "orig_shape", "path"]
 
     def write(tmp):

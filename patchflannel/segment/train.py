@@ -222,19 +222,18 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
                                             lambda logits: dice_bce_loss(logits, y), optimizer, scheduler,
                                             device=device, amp=cfg.amp, channels_last=cfg.channels_last))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        val_j = place.broadcast(validation_jaccard(unwrap(model), val_set, preprocess, device, cfg.amp,
-                                                   cfg.channels_last) if place.main else None)
+        val_j = place.from_main(lambda: validation_jaccard(unwrap(model), val_set, preprocess, device, cfg.amp,
+                                                           cfg.channels_last))
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_jaccard": val_j,
                         "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
-        if place.main:
-            log.info("epoch %d: loss %.4f, val Jaccard %.4f, %.0f s", epoch + 1, np.mean(losses), val_j, elapsed)
         improved = val_j > best
         best = max(best, val_j)
-        if place.main and improved:
-            save_bundle(out_dir / "bundle", unwrap(model), architecture=cfg.architecture, preprocess=preprocess,
-                        extra={"training": {**training_record, "best_epoch": epoch + 1, "val_jaccard": val_j}})
-        if place.main:
+        if place.main:  # rank 0 logs and writes; the others follow its validation score
+            log.info("epoch %d: loss %.4f, val Jaccard %.4f, %.0f s", epoch + 1, np.mean(losses), val_j, elapsed)
+            if improved:
+                save_bundle(out_dir / "bundle", unwrap(model), architecture=cfg.architecture, preprocess=preprocess,
+                            extra={"training": {**training_record, "best_epoch": epoch + 1, "val_jaccard": val_j}})
             save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
                                 history=json.dumps(history))
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))
