@@ -6,7 +6,9 @@
 Each step draws images with class balancing (a weighted sampler by default), cuts
 ``--patches-per-image`` random lung-centred patches from each, augments them (small
 rotation and zoom, intensity jitter inside the lung; no flips: lungs are not
-mirror-symmetric) and takes an AdamW (or SGD) step on a one-cycle schedule. After every epoch
+mirror-symmetric) and takes an AdamW (Adam, SGD) step on a one-cycle schedule (``--schedule``:
+cyclic, step decay, reduce-on-plateau or constant; ``--layer-decay`` for discriminative,
+layer-wise rates). After every epoch
 the image-level macro-F1 on the validation patients (mean softmax over ``--val-k``
 seeded patches, through :class:`PatchEngine`) selects the best model, which is exported
 as a bundle (``bundle/``); training stops early after ``--patience`` epochs without
@@ -41,8 +43,13 @@ from ..distributed import setup, unwrap, wrap
 from ..metrics import classification_report
 from ..patches import extract_patches, sample_centres
 from ..training import (
+    OPTIMIZERS,
+    SCHEDULES,
+    LRPolicy,
     autocast,
     intensity_jitter,
+    layer_groups,
+    make_optimizer,
     optimization_step,
     random_affine,
     resolve_device,
@@ -69,9 +76,14 @@ class LearnerTrainConfig:
     epochs: int = 10
     batch_size: int = 32  # patches per step
     patches_per_image: int = 2
-    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9, Nesterov)
-    lr: float = 1e-3
+    optimizer: str = "adamw"  # "adamw", "adam" or "sgd" (Nesterov)
+    lr: float = 1e-3  # the head-side rate (the peak rate for onecycle/cyclic)
     weight_decay: float = 0.05
+    momentum: float = 0.9  # SGD momentum, Adam beta1 (cycled 0.85-0.95 by onecycle/cyclic)
+    schedule: str = "onecycle"  # see patchflannel.training.LRPolicy
+    step_size: int = 7  # epochs between decays ("step")
+    gamma: float = 0.1  # decay factor ("step", "plateau")
+    layer_decay: float = 1.0  # < 1: discriminative fine-tuning, each earlier quarter of layers x this
     seed: int = 0
     balance: str = "sampler"  # "sampler" (weighted sampling), "loss" (class weights) or "none"
     patience: int = 4
@@ -178,11 +190,14 @@ def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, d
 
 def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig, *, device="auto",
           progress: bool = True, limit: int | None = None, max_epochs_this_run: int | None = None,
-          image_roots: list[str | Path] | None = None) -> dict:
+          image_roots: list[str | Path] | None = None, on_epoch=None) -> dict:
     """Train (or resume) one learner. Returns the history and the best validation macro-F1.
 
     ``image_roots`` (one folder per pack, for ``cfg.input == "whole_image"``) is where each
-    pack's relative ``input`` paths point."""
+    pack's relative ``input`` paths point. ``on_epoch(entry, checkpoint_path)``, if given, is
+    called on rank 0 after each epoch's checkpoint is written (``entry``: that epoch's history
+    record), e.g. to report to a hyper-parameter search. Resuming with a different ``lr``,
+    ``momentum`` or ``weight_decay`` than the checkpoint's applies the new values from there on."""
     if cfg.input not in ("patches", "whole_image"):
         raise ValueError(f"input must be 'patches' or 'whole_image', not {cfg.input!r}")
     if cfg.input == "whole_image" and (image_roots is None or len(image_roots) != len(packs)):
@@ -222,17 +237,13 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trainable = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {cfg.optimizer!r}")
+    optimizer = make_optimizer(layer_groups(trainable, cfg.lr, cfg.layer_decay), cfg.optimizer,
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     per_image = 1 if cfg.input == "whole_image" else cfg.patches_per_image
     images_per_step = max(1, cfg.batch_size // per_image)
     steps_per_epoch = math.ceil(len(train_set) / images_per_step)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                    pct_start=0.2)
+    scheduler = LRPolicy(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                         step_size=cfg.step_size, gamma=cfg.gamma)
     class_weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / len(CLASSES), dtype=torch.float32)
     sample_weight = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.float64)
     loss_weight = class_weight.to(device) if cfg.balance == "loss" else None
@@ -245,6 +256,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         start_epoch = state["epoch"] + 1
         elapsed = history[-1]["elapsed_s"] if history else 0.0
         log.info("resumed after epoch %d (best val macro-F1 %.4f)", state["epoch"] + 1, best)
+        _apply_changed_hyperparameters(json.loads(state.get("config", "{}")), cfg, optimizer, scheduler)
     model = wrap(model, place, device)
     record = {k: v for k, v in asdict(cfg).items() if k != "split_file"}
     record["packs"] = [Path(p).name for p in packs]
@@ -279,10 +291,11 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         report = place.from_main(lambda: evaluate(unwrap(model), val_set, cfg, device, cfg.val_k))
         elapsed += time.perf_counter() - t0
+        scheduler.epoch_end(report["macro_f1"])
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": report["macro_f1"],
                         "val_accuracy": report["accuracy"],
                         "val_f1": {c: v["f1"] for c, v in report["per_class"].items()},
-                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
+                        "lr": scheduler.get_last_lr()[-1], "elapsed_s": round(elapsed, 1)})
         if report["macro_f1"] > best:
             best, best_epoch = report["macro_f1"], epoch + 1
         if place.main:  # rank 0 logs and writes; the others follow its validation score
@@ -294,11 +307,27 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
                              extra={"input": cfg.input,
                                     "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
             save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
-                                best_epoch=best_epoch, history=json.dumps(history))
+                                best_epoch=best_epoch, history=json.dumps(history), config=json.dumps(record))
             (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+            if on_epoch is not None:
+                on_epoch(history[-1], ckpt_path)
         place.barrier()  # a resumed job finds the checkpoint every rank trained to
         epochs_run += 1
     return {"history": history, "best_val_macro_f1": best, "best_epoch": best_epoch}
+
+
+def _apply_changed_hyperparameters(saved: dict, cfg: LearnerTrainConfig, optimizer, scheduler: LRPolicy) -> None:
+    """After restoring a checkpoint trained with ``saved`` settings: carry the schedule's
+    progress over to ``cfg``'s rate, and set its momentum and weight decay."""
+    if saved.get("lr", cfg.lr) != cfg.lr:
+        log.info("learning rate %g -> %g from here on", saved["lr"], cfg.lr)
+        scheduler.rescale([cfg.lr / saved["lr"]] * len(optimizer.param_groups))
+    for group in optimizer.param_groups:
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group and scheduler.name not in ("onecycle", "cyclic"):  # those cycle it themselves
+            group["momentum"] = cfg.momentum
+        elif "betas" in group and scheduler.name not in ("onecycle", "cyclic"):
+            group["betas"] = (cfg.momentum, group["betas"][1])
 
 
 def main(argv=None) -> None:
@@ -318,9 +347,16 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
     p.add_argument("--patches-per-image", type=int, default=d.patches_per_image)
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr, help="head-side (peak) learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum / Adam beta1")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--step-size", type=int, default=d.step_size, help="epochs between decays (--schedule step)")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="decay factor (--schedule step/plateau)")
+    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
+                   help="discriminative fine-tuning: each earlier quarter of the layers trains at this "
+                        "times the next one's rate (1 = one rate)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--balance", choices=("sampler", "loss", "none"), default=d.balance)
     p.add_argument("--patience", type=int, default=d.patience)
@@ -337,7 +373,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = LearnerTrainConfig(learner=args.learner, input=args.input, weights=args.weights, freeze_fraction=args.freeze_fraction,
                              epochs=args.epochs, batch_size=args.batch_size, patches_per_image=args.patches_per_image,
-                             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, balance=args.balance, patience=args.patience,
+                             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                             momentum=args.momentum, schedule=args.schedule, step_size=args.step_size,
+                             gamma=args.gamma, layer_decay=args.layer_decay, seed=args.seed, balance=args.balance,
+                             patience=args.patience,
                              val_k=args.val_k, amp=not args.no_amp, channels_last=not args.no_channels_last,
                              split_file=args.split)
     result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,

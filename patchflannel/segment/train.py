@@ -34,6 +34,7 @@ from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
 from ..training import (
+    LRPolicy,
     intensity_jitter,
     optimization_step,
     random_affine,
@@ -182,9 +183,7 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set.images) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
-    )
+    scheduler = LRPolicy(optimizer, "onecycle", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15)
     history, best, start_epoch, elapsed = [], -1.0, 0, 0.0
     ckpt_path = out_dir / "checkpoint.pt"
     state = restore_training_state(ckpt_path, model, optimizer, scheduler)

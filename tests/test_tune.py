@@ -1,0 +1,67 @@
+"""Ray Tune search over the patch learner's training loop, on a one-machine Ray (tiny budget)."""
+import json
+
+import pytest
+import torch
+
+from patchflannel.learners.train import LearnerTrainConfig, train
+
+pytest.importorskip("ray.tune", reason="pip install 'patchflannel[tune]'")
+
+PATCH = 96  # the 384 px packs of conftest.py
+TINY = dict(learner="resnet18", patch_size=PATCH, epochs=2, batch_size=8, val_k=2, min_lung_pixels=100)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["asha", "pbt"])
+def test_search_runs_trials_and_reports_macro_f1(ray_local, packs, tmp_path, scheduler):
+    from patchflannel.cv import write_split
+    from patchflannel.learners.data import read_rows
+    from patchflannel.learners.train import make_split
+    from patchflannel.tune import SEARCHED, run_search
+
+    base = LearnerTrainConfig(**TINY)
+    write_split(make_split(read_rows(packs), base), tmp_path / "split.csv")
+    base.split_file = str(tmp_path / "split.csv")
+    summary = run_search(packs, tmp_path / "out", base, scheduler=scheduler, samples=2, limit=8,
+                         quantile=0.5, seed=1)
+    assert len(summary["trials"]) == 2
+    for trial in summary["trials"]:
+        assert trial["error"] is None
+        assert set(trial["config"]) == set(SEARCHED)
+        assert trial["config"]["optimizer"] in ("adam", "sgd") and 1e-4 <= trial["config"]["lr"] <= 1e-2
+        assert 1 <= trial["epochs"] <= 2 and 0 <= trial["best_val_macro_f1"] <= 1
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["scheduler"] == scheduler
+    assert (tmp_path / "out" / "results.md").read_text().count("\n") == 2 + 2
+    # every trial trained the library's own loop in its own folder, on the shared split
+    histories = list((tmp_path / "out" / "ray").rglob("run/history.json"))
+    assert len(histories) == 2
+    if scheduler == "asha":  # a fixed seed draws the same configurations again
+        again = run_search(packs, tmp_path / "again", base, scheduler=scheduler, samples=2, limit=8, seed=1,
+                           grace=2)
+        assert sorted(json.dumps(t["config"], sort_keys=True) for t in again["trials"]) == \
+            sorted(json.dumps(t["config"], sort_keys=True) for t in summary["trials"])
+
+
+def test_resuming_with_a_new_learning_rate_applies_it_from_there_on(packs, tmp_path):
+    """What population-based training does to a trial: same checkpoint, perturbed values."""
+    cfg = LearnerTrainConfig(**TINY, schedule="step", step_size=1, gamma=0.5, lr=1e-3, optimizer="sgd", momentum=0.9)
+    train(packs, tmp_path / "run", cfg, device="cpu", progress=False, limit=8, max_epochs_this_run=1)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)  # one decay
+    perturbed = LearnerTrainConfig(**{**TINY, "epochs": 3}, schedule="step", step_size=1, gamma=0.5, lr=2e-3,
+                                   optimizer="sgd", momentum=0.8, weight_decay=0.01)
+    result = train(packs, tmp_path / "run", perturbed, device="cpu", progress=False, limit=8)
+    # epoch 2 ran at 2e-3 x 0.5 (the decay carried over), then one more decay
+    assert [h["lr"] for h in result["history"]] == pytest.approx([5e-4, 5e-4, 2.5e-4])
+    group = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert group["momentum"] == pytest.approx(0.8) and group["weight_decay"] == pytest.approx(0.01)
