@@ -29,7 +29,13 @@ from tqdm.auto import tqdm
 
 from .errors import PatchflannelError
 from .learners.registry import CLASSES
-from .segment.batch import BatchInput, collect_inputs, drop_torn_tail, merge_logs, read_done
+from .segment.batch import (
+    BatchInput,
+    collect_inputs,
+    drop_torn_tail,
+    merge_logs,
+    read_done,
+)
 from .shard import Shard
 from .training import atomic_write
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def seed_everything(seed: int) -> None:
@@ -88,43 +87,18 @@ def restore_training_state(path: str | os.PathLike, model, optimizer, scheduler)
     return state
 
 
-def _uniform(n: int, generator: torch.Generator):
-    return lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
-
-
-def random_affine(tensors: list[torch.Tensor], generator: torch.Generator, *, max_rotation: float,
-                  scale_range: tuple[float, float], max_translate: float = 0.0) -> list[torch.Tensor]:
-    """One random rotation/zoom/shift per sample, the same warp applied to every ``(N, C, H, W)``
-    tensor in ``tensors`` (e.g. images and their masks), bilinear, zero fill. No flips: lungs
-    are not mirror-symmetric. ``max_translate`` is a fraction of the side."""
-    n = tensors[0].shape[0]
-    u = _uniform(n, generator)
-    angle = torch.deg2rad(u(-max_rotation, max_rotation))
-    scale = u(*scale_range)
-    if max_translate:
-        tx, ty = u(-max_translate, max_translate) * 2, u(-max_translate, max_translate) * 2
-    else:
-        tx = ty = torch.zeros(n)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, tensors[0].shape, align_corners=False)
-    return [F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False) for t in tensors]
-
-
-def intensity_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random gamma (x0.78-1.28), contrast (0.9-1.1) and brightness (+-0.05) per sample; images in [0, 1]."""
-    u = _uniform(images.shape[0], generator)
-    gamma = torch.exp(u(-0.25, 0.25))[:, None, None, None]
-    contrast = u(0.9, 1.1)[:, None, None, None]
-    brightness = u(-0.05, 0.05)[:, None, None, None]
-    return (images.clamp(0, 1) ** gamma * contrast + brightness).clamp(0, 1)
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """Loss scaling for float16 autocast (GPUs without bf16); disabled (a pass-through) otherwise."""
+    fp16 = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler(device.type, enabled=fp16)
 
 
 def optimization_step(model, x: torch.Tensor, loss_fn, optimizer, scheduler, *, device: torch.device,
-                      amp: bool, channels_last: bool) -> float:
+                      amp: bool, channels_last: bool, scaler: torch.amp.GradScaler | None = None) -> float:
     """Forward ``x`` (moved to ``device``, channels_last if asked) under autocast, ``loss_fn(logits)``,
-    backward, optimizer step and ``scheduler.step()`` (an :class:`LRPolicy` steps only its
-    per-batch schedules there). Returns the loss."""
+    backward (through ``scaler``, :func:`grad_scaler`, for float16), optimizer step and
+    ``scheduler.step()`` unless None (an :class:`LRPolicy` steps only its per-batch schedules there).
+    Returns the loss."""
     x = x.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -132,9 +106,15 @@ def optimization_step(model, x: torch.Tensor, loss_fn, optimizer, scheduler, *, 
         logits = model(x)
     loss = loss_fn(logits)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     return loss.item()
 
 

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..augment import Augmentation
 from ..cv import read_split, split_patients, write_split
 from ..distributed import setup, unwrap, wrap
+from ..ensemble import FocalLoss
+from ..lr_finder import lr_range_test, write_lr_result
 from ..metrics import classification_report
 from ..patches import extract_patches, sample_centres
 from ..training import (
@@ -47,11 +49,10 @@ from ..training import (
     SCHEDULES,
     LRPolicy,
     autocast,
-    intensity_jitter,
+    grad_scaler,
     layer_groups,
     make_optimizer,
     optimization_step,
-    random_affine,
     resolve_device,
     restore_training_state,
     save_training_state,
@@ -70,6 +71,7 @@ class LearnerTrainConfig:
 
     learner: str = "efficientnet_lite0"
     input: str = "patches"  # "patches" (lung patches of masked films) or "whole_image" (baseline)
+    task: str = "classify"  # "classify" (the four classes) or "rotation" (label-free pretraining)
     weights: str | None = None  # None, "imagenet" (installed package) or a local file
     freeze_fraction: float = 0.0  # first fraction of parameter tensors kept frozen (pretrained starts only)
     patch_size: int = 224
@@ -85,12 +87,12 @@ class LearnerTrainConfig:
     gamma: float = 0.1  # decay factor ("step", "plateau")
     layer_decay: float = 1.0  # < 1: discriminative fine-tuning, each earlier quarter of layers x this
     seed: int = 0
-    balance: str = "sampler"  # "sampler" (weighted sampling), "loss" (class weights) or "none"
+    balance: str = "sampler"  # "sampler" (weighted sampling), "loss" (class weights), "focal" or "none"
+    focal_gamma: float = 2.0  # with balance="focal": FocalLoss(alpha = inverse class frequency, gamma)
     patience: int = 4
     val_k: int = 16
     min_lung_pixels: int = 1000
-    max_rotation: float = 10.0
-    scale_range: tuple[float, float] = (0.9, 1.1)
+    augment: str = "standard"  # an Augmentation set: "standard", "none", "strong", "+"-joined modifiers
     amp: bool = True
     channels_last: bool = True
     split_fractions: dict = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
@@ -130,13 +132,6 @@ def make_split(rows: list[dict], cfg: LearnerTrainConfig) -> dict[str, str]:
     return split_patients(strata, cfg.split_fractions, seed=cfg.seed, stratify_by="stratum")
 
 
-def augment_patches(patches: torch.Tensor, cfg: LearnerTrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation and zoom (one affine warp, zero fill) and gamma/contrast/brightness jitter
-    applied inside the lung only (the zero background stays zero). ``patches`` in [0, 1]."""
-    (patches,) = random_affine([patches], generator, max_rotation=cfg.max_rotation, scale_range=cfg.scale_range)
-    return torch.where(patches > 0, intensity_jitter(patches, generator), torch.zeros_like(patches))
-
-
 def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, generator: torch.Generator,
                  min_lung_pixels: int) -> torch.Tensor:
     """``k`` random lung patches of each image in ``indices``: ``(len * k, 1, size, size)`` float in [0, 1]."""
@@ -147,14 +142,13 @@ def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, gene
 
 def draw_inputs(data: MaskedSet, indices: torch.Tensor, cfg: LearnerTrainConfig,
                 generator: torch.Generator) -> torch.Tensor:
-    """An augmented training batch in [0, 1]: ``patches_per_image`` lung patches per image, or
-    the whole images for ``cfg.input == "whole_image"``."""
+    """A training batch in [0, 1] augmented with ``cfg.augment``: ``patches_per_image`` lung
+    patches per image, or the whole images for ``cfg.input == "whole_image"``."""
+    augmentation = Augmentation.parse(cfg.augment)
     if cfg.input == "whole_image":
-        (x,) = random_affine([data.images[indices][:, None].float() / 255.0], generator,
-                             max_rotation=cfg.max_rotation, scale_range=cfg.scale_range, max_translate=0.05)
-        return intensity_jitter(x, generator)
+        return augmentation(data.images[indices][:, None].float() / 255.0, generator, max_translate=0.05)
     x = draw_patches(data, indices, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
-    return augment_patches(x, cfg, generator)
+    return augmentation(x, generator, keep_zero=True)  # intensity changes inside the lung only
 
 
 @torch.inference_mode()
@@ -173,7 +167,10 @@ def predict_whole_images(model: torch.nn.Module, images: torch.Tensor, normaliza
 
 def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, device, k: int) -> dict:
     """Image-level report (mean softmax over ``k`` seeded patches, or the whole-image softmax)
-    on the images with a class label."""
+    on the images with a class label; for the rotation task, the report of the rotation
+    predictions of ``k`` seeded patches per image, each turned by a seeded multiple of 90 degrees."""
+    if cfg.task == "rotation":
+        return _evaluate_rotation(model, data, cfg, device, k)
     if cfg.input == "whole_image":
         pred = predict_whole_images(model, data.images, cfg.normalization, device).argmax(-1).numpy()
         return classification_report(data.labels, pred)
@@ -188,21 +185,31 @@ def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, d
     return classification_report(data.labels, pred)
 
 
-def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig, *, device="auto",
-          progress: bool = True, limit: int | None = None, max_epochs_this_run: int | None = None,
-          image_roots: list[str | Path] | None = None, on_epoch=None) -> dict:
-    """Train (or resume) one learner. Returns the history and the best validation macro-F1.
+@dataclass
+class _Run:
+    """What training and the learning-rate finder set up alike."""
 
-    ``image_roots`` (one folder per pack, for ``cfg.input == "whole_image"``) is where each
-    pack's relative ``input`` paths point. ``on_epoch(entry, checkpoint_path)``, if given, is
-    called on rank 0 after each epoch's checkpoint is written (``entry``: that epoch's history
-    record), e.g. to report to a hyper-parameter search. Resuming with a different ``lr``,
-    ``momentum`` or ``weight_decay`` than the checkpoint's applies the new values from there on."""
+    place: object
+    device: torch.device
+    progress: bool
+    train_set: MaskedSet
+    val_set: MaskedSet
+    model: torch.nn.Module
+    trainable: list
+    images_per_step: int
+    loss_fn: torch.nn.Module
+    sample_weight: torch.Tensor | None  # None: a random permutation per epoch
+
+
+def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress: bool, limit: int | None,
+             image_roots) -> _Run:
+    """Split, read the films, build the (partly frozen) model and the loss."""
     if cfg.input not in ("patches", "whole_image"):
         raise ValueError(f"input must be 'patches' or 'whole_image', not {cfg.input!r}")
+    if cfg.task not in ("classify", "rotation"):
+        raise ValueError(f"task must be 'classify' or 'rotation', not {cfg.task!r}")
     if cfg.input == "whole_image" and (image_roots is None or len(image_roots) != len(packs)):
         raise ValueError("whole-image training needs one image folder per pack (image_roots)")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     place, device = setup(resolve_device(device))  # one process, or this rank of a torchrun job
     progress = progress and place.main
@@ -210,9 +217,10 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     split = make_split(rows, cfg)
     if place.main:
         write_split({r["patient_id"]: split[r["patient_id"]] for r in rows}, out_dir / "split.csv")
-    labelled = [i for i, r in enumerate(rows) if r["label"] in CLASSES]
-    train_idx = [i for i in labelled if split[rows[i]["patient_id"]] == "train"]
-    val_idx = [i for i in labelled if split[rows[i]["patient_id"]] == "val"]
+    # The pretext task needs no label: it uses every film of the training patients.
+    usable = [i for i, r in enumerate(rows) if cfg.task == "rotation" or r["label"] in CLASSES]
+    train_idx = [i for i in usable if split[rows[i]["patient_id"]] == "train"]
+    val_idx = [i for i in usable if split[rows[i]["patient_id"]] == "val"]
     if limit:
         rng = np.random.default_rng(cfg.seed)
         train_idx = sorted(rng.choice(train_idx, min(limit, len(train_idx)), replace=False).tolist())
@@ -224,7 +232,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     else:
         train_set = load_masked_set([rows[i] for i in train_idx], progress=progress)
         val_set = load_masked_set([rows[i] for i in val_idx], progress=progress)
-    counts = np.bincount(train_set.labels, minlength=len(CLASSES)).astype(float)
+    counts = np.bincount(train_set.labels[train_set.labels >= 0], minlength=len(CLASSES)).astype(float)
     log.info("train %d images %s, val %d images", len(train_set), counts.astype(int).tolist(), len(val_set))
 
     torch.manual_seed(cfg.seed)
@@ -236,17 +244,81 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    trainable = [p for p in params if p.requires_grad]
-    optimizer = make_optimizer(layer_groups(trainable, cfg.lr, cfg.layer_decay), cfg.optimizer,
-                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     per_image = 1 if cfg.input == "whole_image" else cfg.patches_per_image
-    images_per_step = max(1, cfg.batch_size // per_image)
-    steps_per_epoch = math.ceil(len(train_set) / images_per_step)
+    class_weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / len(CLASSES), dtype=torch.float32)
+    sample_weight = None
+    if cfg.task == "rotation":  # four rotations drawn uniformly: nothing to balance
+        loss_fn = torch.nn.CrossEntropyLoss()
+    elif cfg.balance == "focal":
+        loss_fn = FocalLoss(class_weight, gamma=cfg.focal_gamma).to(device)
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss(weight=class_weight.to(device) if cfg.balance == "loss" else None)
+        if cfg.balance == "sampler":
+            sample_weight = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.float64)
+    return _Run(place, device, progress, train_set, val_set, model, [p for p in params if p.requires_grad],
+                max(1, cfg.batch_size // per_image), loss_fn, sample_weight)
+
+
+def training_batch(run: _Run, indices: torch.Tensor, cfg: LearnerTrainConfig,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (normalised) and targets of one global batch: the images' classes, or for the
+    rotation task each patch turned by a random multiple of 90 degrees and that multiple."""
+    x = draw_inputs(run.train_set, indices, cfg, generator)
+    if cfg.task == "rotation":
+        y = torch.randint(0, 4, (len(x),), generator=generator)
+        x = rotate_quarters(x, y)
+    else:
+        per_image = len(x) // len(indices)
+        y = torch.as_tensor(run.train_set.labels[indices.numpy()]).repeat_interleave(per_image)
+    return (x - cfg.normalization.mean) / cfg.normalization.std, y
+
+
+def rotate_quarters(x: torch.Tensor, quarters: torch.Tensor) -> torch.Tensor:
+    """Each ``(1, H, W)`` sample of square ``x`` turned by ``quarters[i]`` x 90 degrees."""
+    out = x.clone()
+    for k in range(1, 4):
+        chosen = quarters == k
+        out[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
+    return out
+
+
+@torch.inference_mode()
+def _evaluate_rotation(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, device, k: int) -> dict:
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    truth, pred = [], []
+    for start in range(0, len(data), 16):
+        idx = torch.arange(start, min(start + 16, len(data)))
+        x = draw_patches(data, idx, k, cfg.patch_size, generator, cfg.min_lung_pixels)
+        y = torch.randint(0, 4, (len(x),), generator=generator)
+        x = ((rotate_quarters(x, y) - cfg.normalization.mean) / cfg.normalization.std).to(device)
+        with autocast(device, True):
+            pred.append(model(x.contiguous(memory_format=torch.channels_last)).float().argmax(-1).cpu())
+        truth.append(y)
+    return classification_report(torch.cat(truth).numpy(), torch.cat(pred).numpy())
+
+
+def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig, *, device="auto",
+          progress: bool = True, limit: int | None = None, max_epochs_this_run: int | None = None,
+          image_roots: list[str | Path] | None = None, on_epoch=None) -> dict:
+    """Train (or resume) one learner. Returns the history and the best validation macro-F1.
+
+    ``image_roots`` (one folder per pack, for ``cfg.input == "whole_image"``) is where each
+    pack's relative ``input`` paths point. ``on_epoch(entry, checkpoint_path)``, if given, is
+    called on rank 0 after each epoch's checkpoint is written (``entry``: that epoch's history
+    record), e.g. to report to a hyper-parameter search. Resuming with a different ``lr``,
+    ``momentum`` or ``weight_decay`` than the checkpoint's applies the new values from there on."""
+    out_dir = Path(out_dir)
+    run = _prepare(packs, out_dir, cfg, device=device, progress=progress, limit=limit, image_roots=image_roots)
+    place, device, progress, model, train_set, val_set = (run.place, run.device, run.progress, run.model,
+                                                          run.train_set, run.val_set)
+    optimizer = make_optimizer(layer_groups(run.trainable, cfg.lr, cfg.layer_decay), cfg.optimizer,
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    steps_per_epoch = math.ceil(len(train_set) / run.images_per_step)
     scheduler = LRPolicy(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                          step_size=cfg.step_size, gamma=cfg.gamma)
-    class_weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / len(CLASSES), dtype=torch.float32)
-    sample_weight = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.float64)
-    loss_weight = class_weight.to(device) if cfg.balance == "loss" else None
+    scaler = grad_scaler(device, cfg.amp)
+    loss_fn = run.loss_fn
 
     history, best, best_epoch, start_epoch, elapsed = [], -1.0, 0, 0, 0.0
     ckpt_path = out_dir / "checkpoint.pt"
@@ -272,22 +344,21 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         # Seeded per epoch, so a resumed run draws exactly what an uninterrupted run would.
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
-        if cfg.balance == "sampler":
-            order = torch.multinomial(sample_weight, len(train_set), replacement=True, generator=generator)
+        if run.sample_weight is not None:
+            order = torch.multinomial(run.sample_weight, len(train_set), replacement=True, generator=generator)
         else:
             order = torch.randperm(len(train_set), generator=generator)
         model.train()
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for step in bar:
-            idx = order[step * images_per_step:(step + 1) * images_per_step]
-            x = draw_inputs(train_set, idx, cfg, generator)  # the global batch, on every rank alike
-            y = torch.as_tensor(train_set.labels[idx.numpy()]).repeat_interleave(per_image)
+            idx = order[step * run.images_per_step:(step + 1) * run.images_per_step]
+            x, y = training_batch(run, idx, cfg, generator)  # the global batch, on every rank alike
             x, y = place.share(x), place.share(y).to(device)
-            losses.append(optimization_step(model, (x - cfg.normalization.mean) / cfg.normalization.std,
-                                            lambda logits: F.cross_entropy(logits.float(), y, weight=loss_weight),
+            losses.append(optimization_step(model, x,
+                                            lambda logits: loss_fn(logits.float(), y),  # noqa: B023 (called now)
                                             optimizer, scheduler, device=device, amp=cfg.amp,
-                                            channels_last=cfg.channels_last))
+                                            channels_last=cfg.channels_last, scaler=scaler))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         report = place.from_main(lambda: evaluate(unwrap(model), val_set, cfg, device, cfg.val_k))
         elapsed += time.perf_counter() - t0
@@ -314,6 +385,44 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         place.barrier()  # a resumed job finds the checkpoint every rank trained to
         epochs_run += 1
     return {"history": history, "best_val_macro_f1": best, "best_epoch": best_epoch}
+
+
+def find_lr(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig, *, device="auto",
+            progress: bool = True, limit: int | None = None, image_roots: list[str | Path] | None = None,
+            start_lr: float = 1e-7, end_lr: float = 1.0, steps: int = 100) -> dict:
+    """Learning-rate range test of ``cfg`` (same data, model, freezing, optimiser, layer-wise
+    ratios, augmentation and loss as :func:`train`): writes ``lr_find.json`` and
+    ``lr_find.png`` to ``out_dir`` and returns the sweep with its suggestions (see
+    :mod:`patchflannel.lr_finder`). Trains nothing that is kept."""
+    out_dir = Path(out_dir)
+    run = _prepare(packs, out_dir, cfg, device=device, progress=progress, limit=limit, image_roots=image_roots)
+    optimizer = make_optimizer(layer_groups(run.trainable, start_lr, cfg.layer_decay), cfg.optimizer,
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    scaler = grad_scaler(run.device, cfg.amp)
+    bar = tqdm(total=steps, desc="LR range test", disable=not run.progress, leave=False)
+    run.model.train()
+
+    def step() -> float:
+        if run.sample_weight is not None:
+            idx = torch.multinomial(run.sample_weight, run.images_per_step, replacement=True, generator=generator)
+        else:
+            idx = torch.randint(0, len(run.train_set), (run.images_per_step,), generator=generator)
+        x, y = training_batch(run, idx, cfg, generator)
+        y = y.to(run.device)
+        bar.update()
+        return optimization_step(run.model, x, lambda logits: run.loss_fn(logits.float(), y), optimizer, None,
+                                 device=run.device, amp=cfg.amp, channels_last=cfg.channels_last, scaler=scaler)
+
+    result = lr_range_test(step, optimizer, start_lr=start_lr, end_lr=end_lr, steps=steps)
+    bar.close()
+    result["config"] = {k: v for k, v in asdict(cfg).items() if k != "split_file"}
+    if run.place.main:
+        write_lr_result(result, out_dir, title=f"{cfg.learner} ({cfg.optimizer}, layer decay {cfg.layer_decay})")
+    log.info("LR range test: steepest %.2e, minimum %.2e, suggested %.2e-%.2e", result["steepest"],
+             result["minimum"], *result["suggested_range"])
+    return result
 
 
 def _apply_changed_hyperparameters(saved: dict, cfg: LearnerTrainConfig, optimizer, scheduler: LRPolicy) -> None:
@@ -358,7 +467,12 @@ def main(argv=None) -> None:
                    help="discriminative fine-tuning: each earlier quarter of the layers trains at this "
                         "times the next one's rate (1 = one rate)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--balance", choices=("sampler", "loss", "none"), default=d.balance)
+    p.add_argument("--balance", choices=("sampler", "loss", "focal", "none"), default=d.balance,
+                   help="class balancing: weighted sampling, class-weighted loss, focal loss or none")
+    p.add_argument("--focal-gamma", type=float, default=d.focal_gamma)
+    p.add_argument("--augment", default=d.augment,
+                   help="augmentation set: standard, none or strong, '+'-joined with modifiers "
+                        "(rot5 rot15 zoom lighting warp elastic blur centrecrop randomcrop flip)")
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--val-k", type=int, default=d.val_k, help="patches per validation image")
     p.add_argument("--split", default=None, help="patient_id,split CSV to reuse instead of drawing one")
@@ -366,6 +480,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-amp", action="store_true", help="train in float32 (faster than bf16 for depthwise "
                    "convolutions on CPU)")
     p.add_argument("--no-channels-last", action="store_true", help="contiguous tensors instead of channels_last")
+    p.add_argument("--task", choices=("classify", "rotation"), default=d.task,
+                   help="rotation: label-free pretraining (predict each patch's quarter turn) on every film of "
+                        "the training patients; fine-tune from its bundle with --weights BUNDLE/model.safetensors")
+    p.add_argument("--find-lr", action="store_true",
+                   help="run a learning-rate range test instead of training: OUT/lr_find.json and lr_find.png")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
     p.add_argument("--max-epochs-this-run", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -376,9 +495,15 @@ def main(argv=None) -> None:
                              optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                              momentum=args.momentum, schedule=args.schedule, step_size=args.step_size,
                              gamma=args.gamma, layer_decay=args.layer_decay, seed=args.seed, balance=args.balance,
+                             focal_gamma=args.focal_gamma, augment=args.augment, task=args.task,
                              patience=args.patience,
                              val_k=args.val_k, amp=not args.no_amp, channels_last=not args.no_channels_last,
                              split_file=args.split)
+    if args.find_lr:
+        found = find_lr(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress,
+                        limit=args.limit, image_roots=args.image_roots)
+        print(json.dumps({k: found[k] for k in ("steepest", "minimum", "suggested_range")}))
+        return
     result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,
                    max_epochs_this_run=args.max_epochs_this_run, image_roots=args.image_roots)
     print(json.dumps({"best_val_macro_f1": result["best_val_macro_f1"], "best_epoch": result["best_epoch"],

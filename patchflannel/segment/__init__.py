@@ -1,9 +1,9 @@
 """Stage 1: lung segmentation (FC-DenseNet or segmentation-models-pytorch), post-processing, batch job."""
 from .bundle import load_bundle, save_bundle
 from .fcdensenet import PRESETS, FCDenseNet, FCDenseNetConfig, create_fcdensenet
+from .gate import LungCheck, lung_features
 from .model import build_segmentation_model
 from .postprocess import keep_largest_components, postprocess_mask
-from .gate import LungCheck, lung_features
 from .segmenter import Segmentation, Segmenter, default_bundle_path
 
 __all__ = [

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from ..errors import PatchflannelError
 from ..io import load_image
-from ..store import pack_npz_files, write_masked_npz
 from ..shard import Shard, shard_logs
+from ..store import pack_npz_files, write_masked_npz
 from ..training import atomic_write
 from .segmenter import Segmenter
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..augment import intensity_jitter, random_affine
 from ..cv import read_split, split_patients, write_split
 from ..data import read_manifest
 from ..distributed import setup, unwrap, wrap
@@ -35,9 +36,8 @@ from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
 from ..training import (
     LRPolicy,
-    intensity_jitter,
+    grad_scaler,
     optimization_step,
-    random_affine,
     resolve_device,
     restore_training_state,
     save_training_state,
@@ -184,6 +184,7 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set.images) / cfg.batch_size)
     scheduler = LRPolicy(optimizer, "onecycle", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15)
+    scaler = grad_scaler(device, cfg.amp)
     history, best, start_epoch, elapsed = [], -1.0, 0, 0.0
     ckpt_path = out_dir / "checkpoint.pt"
     state = restore_training_state(ckpt_path, model, optimizer, scheduler)
@@ -219,7 +220,8 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
             x, y = place.share(x), place.share(y).to(device)
             losses.append(optimization_step(model, (x - preprocess.mean) / preprocess.std,
                                             lambda logits: dice_bce_loss(logits, y), optimizer, scheduler,
-                                            device=device, amp=cfg.amp, channels_last=cfg.channels_last))
+                                            device=device, amp=cfg.amp, channels_last=cfg.channels_last,
+                                            scaler=scaler))
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         val_j = place.from_main(lambda: validation_jaccard(unwrap(model), val_set, preprocess, device, cfg.amp,
                                                            cfg.channels_last))
