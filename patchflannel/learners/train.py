@@ -85,6 +85,7 @@ class LearnerTrainConfig:
     schedule: str = "onecycle"  # see patchflannel.training.LRPolicy
     step_size: int = 7  # epochs between decays ("step")
     gamma: float = 0.1  # decay factor ("step", "plateau")
+    plateau_patience: int = 2  # epochs without improvement before a "plateau" decay
     layer_decay: float = 1.0  # < 1: discriminative fine-tuning, each earlier quarter of layers x this
     seed: int = 0
     balance: str = "sampler"  # "sampler" (weighted sampling), "loss" (class weights), "focal" or "none"
@@ -316,7 +317,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
                                weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     steps_per_epoch = math.ceil(len(train_set) / run.images_per_step)
     scheduler = LRPolicy(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                         step_size=cfg.step_size, gamma=cfg.gamma)
+                         step_size=cfg.step_size, gamma=cfg.gamma, plateau_patience=cfg.plateau_patience)
     scaler = grad_scaler(device, cfg.amp)
     loss_fn = run.loss_fn
 

@@ -1,0 +1,210 @@
+"""Ablation of published training recipes under the patient-grouped five-fold protocol.
+
+    python benchmarks/recipes.py --packs runs/masked/cxr4.h5 runs/masked/adult.h5 --out runs/recipes
+
+Every recipe is the plain baseline (EfficientNet-Lite0 from ImageNet, input-side 30 % frozen,
+AdamW on a one-cycle schedule, standard augmentation, class-balanced sampling: the ``lite``
+recipe) with one option of :class:`patchflannel.learners.train.LearnerTrainConfig` changed
+(:data:`ABLATION`). Each trains on the training folds of each of the five test folds of
+``cross_validation.py`` (same ``folds.csv`` drawing, fold ``f+1`` validates) and is scored on
+the test fold's patients. Reported per recipe: macro-F1 mean and std over folds, the paired
+per-fold difference to the baseline, the fraction of adult non-COVID test films (NIH normals
+and Cohen's bacterial/viral/normal films) called covid, and the training wall time (median
+over folds, and its ratio to the baseline's).
+
+The budget is reduced so that all recipes x five folds fit in about an hour on two CPU cores:
+``--limit`` training images per fold (seeded subsample; validation a quarter of that),
+``--epochs`` epochs, ``--test-limit`` test films per fold at ``--k`` patches. Schedules that
+decay on a fixed epoch count are scaled to the budget (step decay every epoch, plateau
+patience 0); the table says so.
+
+Jobs (recipe x fold) are resumable (``RECIPE/foldN/result.json``) and split over processes
+with ``--shard i/n``; ``--collect`` writes ``summary.json`` and ``summary.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import emit
+from cross_validation import fold_assignment, fold_roles, subsample
+
+from patchflannel.learners.bundle import load_learner
+from patchflannel.learners.data import read_rows
+from patchflannel.learners.engine import PatchEngine
+from patchflannel.learners.evaluate import predict_probs, score
+from patchflannel.learners.registry import CLASSES, Normalization
+from patchflannel.learners.train import find_lr, recipe_config, train
+from patchflannel.shard import Shard
+
+log = logging.getLogger("recipes")
+
+BASELINE = "baseline (lite recipe)"
+#: Recipe name -> overrides of the baseline configuration ("pretrain"/"find_lr": extra steps).
+ABLATION: dict[str, dict] = {
+    BASELINE: {},
+    "step decay (x0.1 every epoch)": {"schedule": "step", "step_size": 1, "gamma": 0.1},
+    "reduce on plateau (x0.1, patience 0)": {"schedule": "plateau", "gamma": 0.1, "plateau_patience": 0},
+    "discriminative rates, one-cycle": {"layer_decay": 0.25, "freeze_fraction": 0.0},
+    "discriminative rates, cyclic LR + momentum": {"schedule": "cyclic", "layer_decay": 0.25,
+                                                   "freeze_fraction": 0.0},
+    "LR finder rate (minimum / 10)": {"find_lr": True},
+    "bf16 autocast": {"amp": True},
+    "no augmentation": {"augment": "none"},
+    "strong augmentation (zoom 1.3, lighting 1.4, warp 0.4)": {"augment": "strong"},
+    "+ elastic + blur": {"augment": "standard+elastic+blur"},
+    "+ horizontal flips": {"augment": "standard+flip"},
+    "class-weighted loss (no sampler)": {"balance": "loss"},
+    "focal loss (no sampler)": {"balance": "focal"},
+    "random init (no ImageNet)": {"weights": None, "freeze_fraction": 0.0, "lr": 3e-3},
+    "CXR rotation pretraining, then fine-tune": {"pretrain": True},
+}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict:
+    """Train one recipe on one fold's training patients and score it on its test patients."""
+    out = args.out / slug(recipe) / f"fold{fold}"
+    if (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    roles = fold_roles(fold, rows, folds, SimpleNamespace(out=args.out, n_folds=args.n_folds))
+    split = str(args.out / f"fold{fold}" / "split.csv")
+    overrides = dict(ABLATION[recipe])
+    pretrain, search_lr = overrides.pop("pretrain", False), overrides.pop("find_lr", False)
+    base = dict(epochs=args.epochs, val_k=args.val_k, seed=args.seed, split_file=split, patch_size=args.patch_size,
+                **overrides)
+    t0 = time.perf_counter()
+    extra_s = 0.0
+    if search_lr:
+        found = find_lr(args.packs, out / "lr_find", recipe_config(args.learner, **base), device=args.device,
+                        progress=False, limit=args.limit, start_lr=1e-6, end_lr=1.0, steps=args.lr_steps)
+        base["lr"] = found["minimum"] / 10
+        extra_s = time.perf_counter() - t0
+    if pretrain:  # label-free: every film of the training patients, unlabelled ones included
+        pre = recipe_config(args.learner, **{**base, "task": "rotation", "freeze_fraction": 0.0,
+                                             "epochs": args.pretrain_epochs})
+        train(args.packs, out / "pretrain", pre, device=args.device, progress=False, limit=args.limit)
+        base["weights"] = str(out / "pretrain" / "bundle" / "model.safetensors")
+        extra_s = time.perf_counter() - t0
+    cfg = recipe_config(args.learner, **base)
+    result = train(args.packs, out / "run", cfg, device=args.device, progress=False, limit=args.limit)
+    train_s = extra_s + result["history"][-1]["elapsed_s"]
+
+    test = subsample([r for r in rows if roles[r["patient_id"]] == "test" and r["label"] in CLASSES],
+                     args.test_limit, fold)
+    model, config = load_learner(out / "run" / "bundle")
+    engine = PatchEngine({cfg.learner: model}, k=args.k, normalization=Normalization(**config["normalization"]),
+                         device=args.device, seed=args.seed)
+    probs = predict_probs(engine, test, progress=False).numpy()[:, 0]
+    entry = score(test, probs)
+    adult_other = [i for i, r in enumerate(test) if r["label"] != "covid" and r["source"] in ("nih", "cohen")]
+    report = {"recipe": recipe, "fold": fold, "config": {k: v for k, v in vars(cfg).items() if k != "normalization"},
+              "macro_f1": entry["macro_f1"], "accuracy": entry["accuracy"],
+              "f1": {c: v["f1"] for c, v in entry["per_class"].items()},
+              "adult_noncovid_called_covid": (float(np.mean(probs[adult_other].argmax(-1) == CLASSES.index("covid")))
+                                              if adult_other else None),
+              "n_adult_noncovid": len(adult_other), "n_test": len(test), "train_s": round(train_s, 1),
+              "best_epoch": result["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1)}
+    (out / "result.json").write_text(json.dumps(report, indent=1, default=str))
+    log.info("%s fold %d: macro-F1 %.3f, %.0f s", recipe, fold, report["macro_f1"], train_s)
+    return report
+
+
+def collect(args) -> dict:
+    """Per-recipe means over the folds finished so far, paired differences to the baseline."""
+    table = {}
+    for recipe in ABLATION:
+        done = {}
+        for path in sorted((args.out / slug(recipe)).glob("fold*/result.json")):
+            r = json.loads(path.read_text())
+            done[r["fold"]] = r
+        table[recipe] = done
+    base = table[BASELINE]
+    protocol = {k: v for k, v in vars(args).items() if k not in ("collect", "shard")}
+    summary = {"protocol": json.loads(json.dumps(protocol, default=str)), "recipes": {}}
+    for recipe, done in table.items():
+        if not done:
+            continue
+        f1 = [r["macro_f1"] for r in done.values()]
+        paired = [done[f]["macro_f1"] - base[f]["macro_f1"] for f in done if f in base]
+        called = [r["adult_noncovid_called_covid"] for r in done.values() if r["adult_noncovid_called_covid"] is not None]
+        times = [r["train_s"] for r in done.values()]
+        base_times = [base[f]["train_s"] for f in done if f in base]
+        summary["recipes"][recipe] = {
+            "folds": sorted(done), "macro_f1_mean": float(np.mean(f1)), "macro_f1_std": float(np.std(f1)),
+            "delta_vs_baseline_mean": float(np.mean(paired)) if paired else None,
+            "delta_vs_baseline_std": float(np.std(paired)) if paired else None,
+            "f1_mean": {c: float(np.mean([r["f1"][c] for r in done.values()])) for c in CLASSES},
+            "adult_noncovid_called_covid": float(np.mean(called)) if called else None,
+            "train_s_median": statistics.median(times),
+            "time_ratio_vs_baseline": (statistics.median(times) / statistics.median(base_times)) if base_times else None,
+        }
+    (args.out / "summary.md").write_text(markdown(summary))
+    return emit(summary, args.out / "summary.json")
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| recipe | folds | macro-F1 (mean ± std) | Δ vs baseline (paired, mean ± std) | adult non-COVID called covid "
+             "| train time (median s) | time ratio |", "|---|---|---|---|---|---|---|"]
+    for recipe, r in summary["recipes"].items():
+        delta = "—" if recipe == BASELINE or r["delta_vs_baseline_mean"] is None else \
+            f"{r['delta_vs_baseline_mean']:+.3f} ± {r['delta_vs_baseline_std']:.3f}"
+        called = "—" if r["adult_noncovid_called_covid"] is None else f"{r['adult_noncovid_called_covid']:.2f}"
+        ratio = "—" if r["time_ratio_vs_baseline"] is None else f"{r['time_ratio_vs_baseline']:.2f}"
+        lines.append(f"| {recipe} | {len(r['folds'])} | {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} | {delta} "
+                     f"| {called} | {r['train_s_median']:.0f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--packs", nargs="+", required=True, type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--learner", default="efficientnet_lite0")
+    p.add_argument("--recipes", nargs="+", default=None, help="a subset of the recipe names (default: all)")
+    p.add_argument("--folds", type=int, nargs="+", default=None)
+    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--limit", type=int, default=240, help="training images per fold (validation: a quarter)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--patch-size", type=int, default=224)
+    p.add_argument("--val-k", type=int, default=2)
+    p.add_argument("--test-limit", type=int, default=200, help="test films per fold")
+    p.add_argument("--k", type=int, default=4, help="patches per test film")
+    p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--lr-steps", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shard", default=None, help="i/n: run this process's share of the recipe x fold jobs")
+    p.add_argument("--collect", action="store_true", help="only summarise the finished jobs")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.collect:
+        rows = read_rows(args.packs)
+        folds = fold_assignment(rows, args.out, args.n_folds, args.seed)
+        shard = Shard.parse(args.shard)
+        recipes = args.recipes or list(ABLATION)
+        unknown = set(recipes) - set(ABLATION)
+        if unknown:
+            raise SystemExit(f"unknown recipes {sorted(unknown)}; choose from {list(ABLATION)}")
+        for fold in args.folds if args.folds is not None else range(args.n_folds):
+            for recipe in recipes:
+                if shard is None or shard.owns(f"{slug(recipe)}/fold{fold}"):
+                    run_job(recipe, fold, rows, folds, args)
+    collect(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The recipe ablation's protocol on a small real set: jobs per recipe x fold on the folds of
+the cross-validation benchmark, paired differences to the baseline, resuming, sharding."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("recipes", BENCHMARKS / "recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_two_recipes_on_one_fold_in_two_shards(recipes, packs, tmp_path):
+    chosen = [recipes.BASELINE, "focal loss (no sampler)"]
+    argv = ["--packs", *map(str, packs), "--out", str(tmp_path), "--learner", "resnet18", "--patch-size", "96",
+            "--n-folds", "3",
+            "--folds", "0", "--limit", "8", "--epochs", "1", "--test-limit", "6", "--k", "2", "--recipes", *chosen]
+    for shard in ("0/2", "1/2"):
+        recipes.main([*argv, "--shard", shard])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["recipes"]) == chosen
+    base, focal = (summary["recipes"][r] for r in chosen)
+    assert base["folds"] == focal["folds"] == [0]
+    job = json.loads((tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").read_text())
+    assert job["config"]["balance"] == "focal" and job["n_test"] == 6
+    assert focal["delta_vs_baseline_mean"] == pytest.approx(
+        job["macro_f1"] - json.loads((tmp_path / recipes.slug(chosen[0]) / "fold0" / "result.json").read_text())[
+            "macro_f1"])
+    table = (tmp_path / "summary.md").read_text()
+    assert table.count("\n") == 2 + 2 and "focal loss" in table
+    mtime = (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime
+    recipes.main(argv)  # finished jobs are not rerun
+    assert (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime == mtime
