@@ -7,9 +7,12 @@ AdamW on a one-cycle schedule, standard augmentation, class-balanced sampling: t
 recipe) with one option of :class:`patchflannel.learners.train.LearnerTrainConfig` changed
 (:data:`ABLATION`). Each trains on the training folds of each of the five test folds of
 ``cross_validation.py`` (same ``folds.csv`` drawing, fold ``f+1`` validates) and is scored on
-the test fold's patients. Reported per recipe: macro-F1 mean and std over folds, the paired
+the test fold's patients. Two control rows use the same budget and folds: training without
+the adult normals (cxr4 only) and the whole-image baseline (the unmasked film letterboxed
+to the patch size, no patches). Reported per recipe: macro-F1 mean and std over folds, the paired
 per-fold difference to the baseline, the fraction of adult non-COVID test films (NIH normals
-and Cohen's bacterial/viral/normal films) called covid, and the training wall time (median
+and Cohen's bacterial/viral/normal films) called covid, the same for the test patients'
+adult ``other_pneumonia`` films (a label no model trains on), and the training wall time (median
 over folds, and its ratio to the baseline's).
 
 The budget is reduced so that all recipes x five folds fit in about an hour on two CPU cores:
@@ -38,13 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit
 from cross_validation import fold_assignment, fold_roles, subsample
 
+from patchflannel.cv import write_split
 from patchflannel.learners.bundle import load_learner
-from patchflannel.learners.data import read_rows
+from patchflannel.learners.data import load_whole_image_set, read_rows
 from patchflannel.learners.engine import PatchEngine
 from patchflannel.learners.evaluate import predict_probs, score
 from patchflannel.learners.registry import CLASSES, Normalization
-from patchflannel.learners.train import find_lr, recipe_config, train
+from patchflannel.learners.train import (
+    find_lr,
+    predict_whole_images,
+    recipe_config,
+    train,
+)
 from patchflannel.shard import Shard
+from patchflannel.training import resolve_device
 
 log = logging.getLogger("recipes")
 
@@ -67,6 +77,9 @@ ABLATION: dict[str, dict] = {
     "focal loss (no sampler)": {"balance": "focal"},
     "random init (no ImageNet)": {"weights": None, "freeze_fraction": 0.0, "lr": 3e-3},
     "CXR rotation pretraining, then fine-tune": {"pretrain": True},
+    # Not recipes but the shortcut's two controls, on the same budget and folds:
+    "without the adult normals in training (cxr4 only)": {"drop_pack": "adult"},
+    "whole-image baseline (unmasked film, no patches)": {"input": "whole_image"},
 }
 
 
@@ -83,6 +96,12 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
     split = str(args.out / f"fold{fold}" / "split.csv")
     overrides = dict(ABLATION[recipe])
     pretrain, search_lr = overrides.pop("pretrain", False), overrides.pop("find_lr", False)
+    drop_pack = overrides.pop("drop_pack", None)
+    if drop_pack:  # that pack's training and validation patients sit out; the test fold is unchanged
+        dropped = {r["patient_id"] for r in rows if Path(r["pack"]).stem == drop_pack}
+        out.mkdir(parents=True, exist_ok=True)
+        split = str(out / "split.csv")
+        write_split({p: "unused" if p in dropped and role != "test" else role for p, role in roles.items()}, split)
     base = dict(epochs=args.epochs, val_k=args.val_k, seed=args.seed, split_file=split, patch_size=args.patch_size,
                 **overrides)
     t0 = time.perf_counter()
@@ -99,15 +118,29 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
         base["weights"] = str(out / "pretrain" / "bundle" / "model.safetensors")
         extra_s = time.perf_counter() - t0
     cfg = recipe_config(args.learner, **base)
-    result = train(args.packs, out / "run", cfg, device=args.device, progress=False, limit=args.limit)
+    whole = cfg.input == "whole_image"
+    if whole and not args.image_roots:
+        raise SystemExit("the whole-image row needs --image-roots (each pack's image folder)")
+    roots = {"image_roots": args.image_roots} if whole else {}
+    result = train(args.packs, out / "run", cfg, device=args.device, progress=False, limit=args.limit, **roots)
     train_s = extra_s + result["history"][-1]["elapsed_s"]
 
     test = subsample([r for r in rows if roles[r["patient_id"]] == "test" and r["label"] in CLASSES],
                      args.test_limit, fold)
+    # the test patients' adult other_pneumonia films: no model trains on that label
+    external = subsample([r for r in rows if roles[r["patient_id"]] == "test" and r["label"] not in CLASSES],
+                         args.test_limit // 4, fold)
     model, config = load_learner(out / "run" / "bundle")
-    engine = PatchEngine({cfg.learner: model}, k=args.k, normalization=Normalization(**config["normalization"]),
-                         device=args.device, seed=args.seed)
-    probs = predict_probs(engine, test, progress=False).numpy()[:, 0]
+    normalization = Normalization(**config["normalization"])
+    if whole:
+        films = load_whole_image_set(test + external, {str(p): r for p, r in zip(args.packs, args.image_roots)},
+                                     cfg.patch_size, progress=False)
+        probs = predict_whole_images(model, films.images, normalization, resolve_device(args.device)).numpy()
+    else:
+        engine = PatchEngine({cfg.learner: model}, k=args.k, normalization=normalization, device=args.device,
+                             seed=args.seed)
+        probs = predict_probs(engine, test + external, progress=False).numpy()[:, 0]
+    probs, external_probs = probs[:len(test)], probs[len(test):]
     entry = score(test, probs)
     adult_other = [i for i, r in enumerate(test) if r["label"] != "covid" and r["source"] in ("nih", "cohen")]
     report = {"recipe": recipe, "fold": fold, "config": {k: v for k, v in vars(cfg).items() if k != "normalization"},
@@ -115,7 +148,10 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
               "f1": {c: v["f1"] for c, v in entry["per_class"].items()},
               "adult_noncovid_called_covid": (float(np.mean(probs[adult_other].argmax(-1) == CLASSES.index("covid")))
                                               if adult_other else None),
-              "n_adult_noncovid": len(adult_other), "n_test": len(test), "train_s": round(train_s, 1),
+              "n_adult_noncovid": len(adult_other),
+              "other_pneumonia_called_covid": (float(np.mean(external_probs.argmax(-1) == CLASSES.index("covid")))
+                                               if len(external) else None),
+              "n_other_pneumonia": len(external), "n_test": len(test), "train_s": round(train_s, 1),
               "best_epoch": result["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1)}
     (out / "result.json").write_text(json.dumps(report, indent=1, default=str))
     log.info("%s fold %d: macro-F1 %.3f, %.0f s", recipe, fold, report["macro_f1"], train_s)
@@ -140,6 +176,8 @@ def collect(args) -> dict:
         f1 = [r["macro_f1"] for r in done.values()]
         paired = [done[f]["macro_f1"] - base[f]["macro_f1"] for f in done if f in base]
         called = [r["adult_noncovid_called_covid"] for r in done.values() if r["adult_noncovid_called_covid"] is not None]
+        other = [r["other_pneumonia_called_covid"] for r in done.values()
+                 if r.get("other_pneumonia_called_covid") is not None]
         times = [r["train_s"] for r in done.values()]
         base_times = [base[f]["train_s"] for f in done if f in base]
         summary["recipes"][recipe] = {
@@ -148,6 +186,7 @@ def collect(args) -> dict:
             "delta_vs_baseline_std": float(np.std(paired)) if paired else None,
             "f1_mean": {c: float(np.mean([r["f1"][c] for r in done.values()])) for c in CLASSES},
             "adult_noncovid_called_covid": float(np.mean(called)) if called else None,
+            "other_pneumonia_called_covid": float(np.mean(other)) if other else None,
             "train_s_median": statistics.median(times),
             "time_ratio_vs_baseline": (statistics.median(times) / statistics.median(base_times)) if base_times else None,
         }
@@ -157,14 +196,16 @@ def collect(args) -> dict:
 
 def markdown(summary: dict) -> str:
     lines = ["| recipe | folds | macro-F1 (mean ± std) | Δ vs baseline (paired, mean ± std) | adult non-COVID called covid "
-             "| train time (median s) | time ratio |", "|---|---|---|---|---|---|---|"]
+             "| adult other pneumonia called covid | train time (median s) | time ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for recipe, r in summary["recipes"].items():
         delta = "—" if recipe == BASELINE or r["delta_vs_baseline_mean"] is None else \
             f"{r['delta_vs_baseline_mean']:+.3f} ± {r['delta_vs_baseline_std']:.3f}"
         called = "—" if r["adult_noncovid_called_covid"] is None else f"{r['adult_noncovid_called_covid']:.2f}"
+        other = "—" if r["other_pneumonia_called_covid"] is None else f"{r['other_pneumonia_called_covid']:.2f}"
         ratio = "—" if r["time_ratio_vs_baseline"] is None else f"{r['time_ratio_vs_baseline']:.2f}"
         lines.append(f"| {recipe} | {len(r['folds'])} | {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} | {delta} "
-                     f"| {called} | {r['train_s_median']:.0f} | {ratio} |")
+                     f"| {called} | {other} | {r['train_s_median']:.0f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +213,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--packs", nargs="+", required=True, type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--image-roots", nargs="+", type=Path, default=None,
+                   help="each pack's image folder (for the whole-image row)")
     p.add_argument("--learner", default="efficientnet_lite0")
     p.add_argument("--recipes", nargs="+", default=None, help="a subset of the recipe names (default: all)")
     p.add_argument("--folds", type=int, nargs="+", default=None)

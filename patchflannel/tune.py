@@ -142,7 +142,9 @@ def run_search(packs: list[str | os.PathLike], out: str | os.PathLike, base: Lea
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=chosen, num_samples=samples,
                                     search_alg=BasicVariantGenerator(random_state=seed)),
         run_config=tune.RunConfig(name=f"{scheduler}", storage_path=str(out / "ray"),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0))
+                                  # PBT clones other trials' checkpoints: keep them all there
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=None if scheduler == "pbt" else 1), verbose=0))
     grid = tuner.fit()
     trials = []
     for result in grid:
