@@ -11,8 +11,8 @@ weight decay and patches per image per step. Two schedulers:
 
 * ``asha``: asynchronous successive halving stops the trials whose macro-F1 trails at epochs
   ``grace``, ``grace * 2``, ... (random search otherwise);
-* ``pbt``: population-based training: every ``--perturbation-interval`` epochs the worst
-  quarter (``--quantile``) of the trials restart from a copy of a best-quarter trial's checkpoint, with its
+* ``pbt``: population-based training (synchronous): every ``--perturbation-interval`` epochs
+  the worst quarter (``--quantile``) of the trials restart from a copy of a best-quarter trial's checkpoint, with its
   learning rate, momentum and weight decay perturbed (x0.8 / x1.2) or resampled.
 
 Without ``--address`` Ray starts on this machine with ``--cpus`` CPUs (``--cpus-per-trial``
@@ -51,6 +51,19 @@ def _require_ray():
     return ray, tune
 
 
+#: The bounds of the continuous values: PBT's x0.8 / x1.2 perturbations are clipped to them
+#: (Ray does not clip, and a momentum of 1.17 diverges).
+BOUNDS = {"lr": (1e-4, 1e-2), "gamma": (0.1, 0.9), "momentum": (0.8, 0.99), "weight_decay": (1e-5, 1e-1)}
+
+
+def clip_to_bounds(config: dict) -> dict:
+    """``config`` with every value of :data:`BOUNDS` clipped into its range (PBT's explore step)."""
+    for key, (low, high) in BOUNDS.items():
+        if key in config:
+            config[key] = min(max(config[key], low), high)
+    return config
+
+
 def search_space(epochs: int) -> dict:
     """The Ray Tune search space: Adam or SGD, log-uniform learning rate 1e-4-1e-2, step decay
     every 1..``epochs`` epochs by gamma 0.1-0.9, momentum 0.8-0.99, log-uniform weight decay
@@ -58,11 +71,11 @@ def search_space(epochs: int) -> dict:
     _, tune = _require_ray()
     return {
         "optimizer": tune.choice(["adam", "sgd"]),
-        "lr": tune.loguniform(1e-4, 1e-2),
+        "lr": tune.loguniform(*BOUNDS["lr"]),
         "step_size": tune.randint(1, max(epochs, 1) + 1),
-        "gamma": tune.uniform(0.1, 0.9),
-        "momentum": tune.uniform(0.8, 0.99),
-        "weight_decay": tune.loguniform(1e-5, 1e-1),
+        "gamma": tune.uniform(*BOUNDS["gamma"]),
+        "momentum": tune.uniform(*BOUNDS["momentum"]),
+        "weight_decay": tune.loguniform(*BOUNDS["weight_decay"]),
         "patches_per_image": tune.choice([1, 2, 4]),
     }
 
@@ -123,7 +136,8 @@ def run_search(packs: list[str | os.PathLike], out: str | os.PathLike, base: Lea
     elif scheduler == "pbt":
         chosen = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=perturbation_interval,
                                          hyperparam_mutations={k: space[k] for k in MUTATED},
-                                         quantile_fraction=quantile)
+                                         quantile_fraction=quantile, custom_explore_fn=clip_to_bounds,
+                                         synch=True)  # every trial reaches the exploit point: reproducible
     else:
         raise ValueError(f"scheduler must be 'asha' or 'pbt', not {scheduler!r}")
     if not ray.is_initialized():
@@ -156,10 +170,23 @@ def run_search(packs: list[str | os.PathLike], out: str | os.PathLike, base: Lea
                        "error": None if result.error is None else str(result.error).splitlines()[0]})
     trials.sort(key=lambda t: -1 if t["best_val_macro_f1"] is None else -t["best_val_macro_f1"])
     summary = {"scheduler": scheduler, "samples": samples, "limit": limit, "seed": seed,
-               "base": {k: v for k, v in asdict(base).items() if k not in SEARCHED}, "trials": trials}
+               "base": {k: v for k, v in asdict(base).items() if k not in SEARCHED}, "trials": trials,
+               "exploits": _exploits(out / "ray" / scheduler / "pbt_global.txt")}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     (out / "results.md").write_text(results_table(summary))
     return summary
+
+
+def _exploits(log_path: Path) -> list[dict]:
+    """PBT's log of exploits: which trial continued from which, after which epoch, with what values."""
+    if not log_path.is_file():
+        return []
+    out = []
+    for line in log_path.read_text().splitlines():
+        target, source, target_step, source_step, old, new = json.loads(line)
+        out.append({"trial": target.split("_")[0], "cloned": source.split("_")[0], "after_epoch": source_step,
+                    "config": {k: new[k] for k in SEARCHED}})
+    return out
 
 
 def results_table(summary: dict) -> str:

@@ -45,6 +45,13 @@ def test_search_runs_trials_and_reports_macro_f1(ray_local, packs, tmp_path, sch
     # every trial trained the library's own loop in its own folder, on the shared split
     histories = list((tmp_path / "out" / "ray").rglob("run/history.json"))
     assert len(histories) == 2
+    if scheduler == "pbt":  # the trailing half continued from the leader's checkpoint, values in bounds
+        from patchflannel.tune import BOUNDS
+        assert summary["exploits"]
+        for exploit in summary["exploits"]:
+            assert exploit["trial"] != exploit["cloned"]
+            for key, (low, high) in BOUNDS.items():
+                assert low <= exploit["config"][key] <= high
     if scheduler == "asha":  # a fixed seed draws the same configurations again
         again = run_search(packs, tmp_path / "again", base, scheduler=scheduler, samples=2, limit=8, seed=1,
                            grace=2)
