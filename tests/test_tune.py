@@ -1,5 +1,13 @@
 """Ray Tune search over the patch learner's training loop, on a one-machine Ray (tiny budget)."""
 import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +20,66 @@ PATCH = 96  # the 384 px packs of conftest.py
 TINY = dict(learner="resnet18", patch_size=PATCH, epochs=2, batch_size=8, val_k=2, min_lung_pixels=100)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_local():
+    """A one-machine Ray started in this process (what ``run_search`` does without an address)."""
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024**2)
-    yield
+    yield None
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A running Ray head node, as a cluster would have, joined by address (loopback only, so
+    without Ray's token authentication)."""
+    import ray
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                             "--object-store-memory=134217728", f"--temp-dir={temp}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_for_head(address)
+        yield address
+    finally:
+        ray.shutdown()
+        head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_head(address: str, timeout: float = 120) -> None:
+    import ray
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            ray.shutdown()
+            return
+        except Exception:  # not up yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("scheduler", ["asha", "pbt"])
-def test_search_runs_trials_and_reports_macro_f1(ray_local, packs, tmp_path, scheduler):
+@pytest.mark.parametrize("scheduler, ray_fixture", [("asha", "ray_cluster"), ("pbt", "ray_local")])
+def test_search_runs_trials_and_reports_macro_f1(request, packs, tmp_path, scheduler, ray_fixture):
+    """ASHA against a running cluster by address, PBT on a Ray started in-process."""
+    address = request.getfixturevalue(ray_fixture)
     from patchflannel.cv import write_split
     from patchflannel.learners.data import read_rows
     from patchflannel.learners.train import make_split
@@ -32,7 +89,7 @@ def test_search_runs_trials_and_reports_macro_f1(ray_local, packs, tmp_path, sch
     write_split(make_split(read_rows(packs), base), tmp_path / "split.csv")
     base.split_file = str(tmp_path / "split.csv")
     summary = run_search(packs, tmp_path / "out", base, scheduler=scheduler, samples=2, limit=8,
-                         quantile=0.5, seed=1)
+                         quantile=0.5, seed=1, address=address)
     assert len(summary["trials"]) == 2
     for trial in summary["trials"]:
         assert trial["error"] is None
@@ -54,7 +111,7 @@ def test_search_runs_trials_and_reports_macro_f1(ray_local, packs, tmp_path, sch
                 assert low <= exploit["config"][key] <= high
     if scheduler == "asha":  # a fixed seed draws the same configurations again
         again = run_search(packs, tmp_path / "again", base, scheduler=scheduler, samples=2, limit=8, seed=1,
-                           grace=2)
+                           grace=2, address=address)
         assert sorted(json.dumps(t["config"], sort_keys=True) for t in again["trials"]) == \
             sorted(json.dumps(t["config"], sort_keys=True) for t in summary["trials"])
 
