@@ -82,3 +82,16 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         make_optimizer([{"params": list(_model().parameters()), "lr": 0.1}], "lion", weight_decay=0)
     assert "constant" in SCHEDULES
+
+
+def test_loss_scaling_only_for_float16():
+    from patchflannel.training import grad_scaler, optimization_step
+
+    assert not grad_scaler(torch.device("cpu"), amp=True).is_enabled()  # bf16 on CPU needs none
+    model = _model()
+    opt = make_optimizer(layer_groups(list(model.parameters()), 0.1), "sgd", weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = optimization_step(model, torch.randn(4, 3), lambda out: (out ** 2).mean(), opt, None,
+                             device=torch.device("cpu"), amp=True, channels_last=False,
+                             scaler=grad_scaler(torch.device("cpu"), amp=True))
+    assert loss > 0 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
