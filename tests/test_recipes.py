@@ -63,7 +63,8 @@ def test_rotation_pretraining_then_fine_tuning_from_it(packs, tmp_path):
                 progress=False)
     assert 0 <= pre["best_val_macro_f1"] <= 1
     weights = tmp_path / "pre" / "bundle" / "model.safetensors"
-    assert weights.is_file()
+    pre_config = json.loads((tmp_path / "pre" / "bundle" / "config.json").read_text())
+    assert pre_config["classes"] == ["0", "90", "180", "270"] and pre_config["training"]["task"] == "rotation"
     cfg = LearnerTrainConfig(**TINY, weights=str(weights), freeze_fraction=0.5, balance="focal", augment="strong")
     tuned = train(packs, tmp_path / "tuned", cfg, device="cpu", progress=False, limit=8)
     assert len(tuned["history"]) == 1

@@ -274,6 +274,10 @@ def training_batch(run: _Run, indices: torch.Tensor, cfg: LearnerTrainConfig,
     return (x - cfg.normalization.mean) / cfg.normalization.std, y
 
 
+#: The outputs of a ``task="rotation"`` model: the patch's quarter turn.
+ROTATION_CLASSES = ("0", "90", "180", "270")
+
+
 def rotate_quarters(x: torch.Tensor, quarters: torch.Tensor) -> torch.Tensor:
     """Each ``(1, H, W)`` sample of square ``x`` turned by ``quarters[i]`` x 90 degrees."""
     out = x.clone()
@@ -376,6 +380,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
             if best_epoch == epoch + 1:
                 save_learner(out_dir / "bundle", unwrap(model), name=cfg.learner, patch_size=cfg.patch_size,
                              normalization=cfg.normalization,
+                             classes=ROTATION_CLASSES if cfg.task == "rotation" else CLASSES,
                              extra={"input": cfg.input,
                                     "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
             save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
