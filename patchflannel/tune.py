@@ -143,8 +143,9 @@ def run_search(packs: list[str | os.PathLike], out: str | os.PathLike, base: Lea
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
-        else:  # a one-machine Ray: no dashboard, a small object store (trials share data through files)
-            ray.init(num_cpus=cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        else:  # a new one-machine Ray (never a cluster that happens to run here): no dashboard, a small
+            # object store (trials share data through files)
+            ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                      object_store_memory=256 * 1024**2)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, packs=[str(Path(p).resolve()) for p in packs],

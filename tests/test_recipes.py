@@ -60,7 +60,7 @@ def test_rotation_pretraining_then_fine_tuning_from_it(packs, tmp_path):
     """The pretext task trains on every film of the training patients (unlabelled ones too) and
     its bundle is a starting point for the four-class task."""
     pre = train(packs, tmp_path / "pre", LearnerTrainConfig(**TINY, task="rotation"), device="cpu",
-                progress=False)
+                progress=False, limit=12)
     assert 0 <= pre["best_val_macro_f1"] <= 1
     weights = tmp_path / "pre" / "bundle" / "model.safetensors"
     pre_config = json.loads((tmp_path / "pre" / "bundle" / "config.json").read_text())

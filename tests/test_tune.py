@@ -24,7 +24,8 @@ TINY = dict(learner="resnet18", patch_size=PATCH, epochs=2, batch_size=8, val_k=
 def ray_local():
     """A one-machine Ray started in this process (what ``run_search`` does without an address)."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024**2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=128 * 1024**2)
     yield None
     ray.shutdown()
 
