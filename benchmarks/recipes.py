@@ -22,7 +22,8 @@ decay on a fixed epoch count are scaled to the budget (step decay every epoch, p
 patience 0); the table says so.
 
 Jobs (recipe x fold) are resumable (``RECIPE/foldN/result.json``) and split over processes
-with ``--shard i/n``; ``--collect`` writes ``summary.json`` and ``summary.md``.
+with ``--shard i/n``; ``--collect`` writes ``summary.json`` and ``summary.md`` (of ``--folds``
+only, when given: every recipe on the same folds).
 """
 from __future__ import annotations
 
@@ -165,7 +166,8 @@ def collect(args) -> dict:
         done = {}
         for path in sorted((args.out / slug(recipe)).glob("fold*/result.json")):
             r = json.loads(path.read_text())
-            done[r["fold"]] = r
+            if args.folds is None or r["fold"] in args.folds:  # --folds: compare on the same folds
+                done[r["fold"]] = r
         table[recipe] = done
     base = table[BASELINE]
     protocol = {k: v for k, v in vars(args).items() if k not in ("collect", "shard")}
