@@ -53,8 +53,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit
 
-from patchflannel.cv import assign_folds, read_folds, write_folds, write_split
 from patchflannel.calibration import apply_temperature, expected_calibration_error
+from patchflannel.cv import assign_folds, read_folds, write_folds, write_split
 from patchflannel.ensemble import (
     WeightModuleConfig,
     crossfit_temperature,

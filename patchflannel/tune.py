@@ -184,7 +184,7 @@ def _exploits(log_path: Path) -> list[dict]:
         return []
     out = []
     for line in log_path.read_text().splitlines():
-        target, source, target_step, source_step, old, new = json.loads(line)
+        target, source, _, source_step, _, new = json.loads(line)
         out.append({"trial": target.split("_")[0], "cloned": source.split("_")[0], "after_epoch": source_step,
                     "config": {k: new[k] for k in SEARCHED}})
     return out

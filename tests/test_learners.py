@@ -224,9 +224,17 @@ def test_evaluation_reports_per_source_shortcuts_and_the_ensemble(packs, tmp_pat
 
 
 def test_whole_image_baseline_trains_on_unmasked_films(packs, tmp_path):
-    from patchflannel.learners.data import load_masked_set, load_whole_image_set, read_rows
+    from patchflannel.learners.data import (
+        load_masked_set,
+        load_whole_image_set,
+        read_rows,
+    )
     from patchflannel.learners.registry import Normalization
-    from patchflannel.learners.train import LearnerTrainConfig, predict_whole_images, train
+    from patchflannel.learners.train import (
+        LearnerTrainConfig,
+        predict_whole_images,
+        train,
+    )
 
     roots = [p.with_suffix("") for p in packs]  # the fixture's image folders
     cfg = LearnerTrainConfig(learner="resnet18", input="whole_image", patch_size=PATCH, epochs=1, batch_size=16,

@@ -5,7 +5,12 @@ import json
 import pytest
 import torch
 
-from patchflannel.learners.train import LearnerTrainConfig, find_lr, rotate_quarters, train
+from patchflannel.learners.train import (
+    LearnerTrainConfig,
+    find_lr,
+    rotate_quarters,
+    train,
+)
 from patchflannel.lr_finder import lr_range_test, suggest
 
 PATCH = 96  # the 384 px packs of conftest.py
