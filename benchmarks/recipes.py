@@ -142,7 +142,7 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
                              seed=args.seed)
         probs = predict_probs(engine, test + external, progress=False).numpy()[:, 0]
     probs, external_probs = probs[:len(test)], probs[len(test):]
-    entry = score(test, probs)
+    entry = score(test, probs, external_probs)
     adult_other = [i for i, r in enumerate(test) if r["label"] != "covid" and r["source"] in ("nih", "cohen")]
     report = {"recipe": recipe, "fold": fold, "config": {k: v for k, v in vars(cfg).items() if k != "normalization"},
               "macro_f1": entry["macro_f1"], "accuracy": entry["accuracy"],
@@ -150,8 +150,7 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
               "adult_noncovid_called_covid": (float(np.mean(probs[adult_other].argmax(-1) == CLASSES.index("covid")))
                                               if adult_other else None),
               "n_adult_noncovid": len(adult_other),
-              "other_pneumonia_called_covid": (float(np.mean(external_probs.argmax(-1) == CLASSES.index("covid")))
-                                               if len(external) else None),
+              "other_pneumonia_called_covid": (entry["external_other_pneumonia_called"] or {}).get("covid"),
               "n_other_pneumonia": len(external), "n_test": len(test), "train_s": round(train_s, 1),
               "best_epoch": result["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1)}
     (out / "result.json").write_text(json.dumps(report, indent=1, default=str))

@@ -48,13 +48,12 @@ def random_affine(tensors: list[torch.Tensor], generator: torch.Generator, *, ma
 
 
 def intensity_jitter(images: torch.Tensor, generator: torch.Generator, *, gamma: float = 0.25,
-                     contrast: float = 1.1, brightness: float = 0.05) -> torch.Tensor:
-    """Random gamma (x exp(+-``gamma``)), contrast (x 1/``contrast``..``contrast``; the default
-    0.9-1.1) and brightness (+-``brightness``) per sample; images in [0, 1]."""
+                     contrast: tuple[float, float] = (0.9, 1.1), brightness: float = 0.05) -> torch.Tensor:
+    """Random gamma (x exp(+-``gamma``)), contrast (a factor in the ``contrast`` range) and
+    brightness (+-``brightness``) per sample; images in [0, 1]."""
     u = _uniform(images.shape[0], generator)
     g = torch.exp(u(-gamma, gamma))[:, None, None, None]
-    low = 0.9 if contrast == 1.1 else 1 / contrast  # the original 0.9-1.1 range, kept for reproducibility
-    c = u(low, contrast)[:, None, None, None]
+    c = u(*contrast)[:, None, None, None]
     b = u(-brightness, brightness)[:, None, None, None]
     return (images.clamp(0, 1) ** g * c + b).clamp(0, 1)
 
@@ -112,9 +111,9 @@ class Augmentation:
     ``rotation`` (degrees), ``zoom`` (scale range; > 1 zooms in), ``crop`` (keep this fraction
     of the side: a centre crop, or a random one with ``random_crop``), ``warp`` (perspective
     magnitude), ``elastic`` (displacement magnitude), ``flip`` (probability of a horizontal
-    flip: lungs are not mirror-symmetric, so opt-in), ``lighting`` (contrast factor; 1.1 is
-    the standard jitter, with random gamma and brightness), ``blur`` (probability of a 3x3
-    Gaussian blur).
+    flip: lungs are not mirror-symmetric, so opt-in), ``lighting`` (the contrast factor's
+    range, with random gamma and ``brightness`` shifts; None: no intensity change), ``blur``
+    (probability of a 3x3 Gaussian blur).
     """
 
     rotation: float = 10.0
@@ -124,7 +123,8 @@ class Augmentation:
     warp: float = 0.0
     elastic: float = 0.0
     flip: float = 0.0
-    lighting: float | None = 1.1  # None: no intensity change
+    lighting: tuple[float, float] | None = (0.9, 1.1)
+    brightness: float = 0.05
     blur: float = 0.0
 
     @classmethod
@@ -158,8 +158,7 @@ class Augmentation:
             flipped = torch.rand(x.shape[0], generator=generator) < self.flip
             x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
         if self.lighting is not None:
-            brightness = 0.05 if self.lighting == 1.1 else (self.lighting - 1) / 4
-            lit = intensity_jitter(x, generator, contrast=self.lighting, brightness=brightness)
+            lit = intensity_jitter(x, generator, contrast=self.lighting, brightness=self.brightness)
             x = torch.where(x > 0, lit, torch.zeros_like(x)) if keep_zero else lit
         if self.blur:
             x = gaussian_blur(x, generator, self.blur)
@@ -171,12 +170,12 @@ AUGMENTATIONS: dict = {
     "none": Augmentation(rotation=0.0, zoom=(1.0, 1.0), lighting=None),
     "standard": Augmentation(),
     # the fastai-style set of the transfer-learning studies: rotation 10, zoom 1.3, lighting, warp 0.4
-    "strong": Augmentation(rotation=10.0, zoom=(1.0, 1.3), lighting=1.4, warp=0.4),
+    "strong": Augmentation(rotation=10.0, zoom=(1.0, 1.3), lighting=(1 / 1.4, 1.4), brightness=0.1, warp=0.4),
     "rot5": {"rotation": 5.0},
     "rot10": {"rotation": 10.0},
     "rot15": {"rotation": 15.0},
     "zoom": {"zoom": (1.0, 1.3)},
-    "lighting": {"lighting": 1.4},
+    "lighting": {"lighting": (1 / 1.4, 1.4), "brightness": 0.1},  # fastai's max_lighting-style 1.4
     "warp": {"warp": 0.4},
     "elastic": {"elastic": 0.05},
     "blur": {"blur": 0.5},

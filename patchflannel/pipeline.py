@@ -287,6 +287,7 @@ class Pipeline:
 
         weights = list(pred.learner_weights.values()) if pred.learner_weights else None
         pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, masked, seg.working_mask,
-                                          pred.centres, CLASSES.index(pred.label), patch_size=self.engine.patch_size, weights=weights, device=self.engine.device)
+                                          pred.centres, CLASSES.index(pred.label), patch_size=self.engine.patch_size,
+                                          weights=weights, device=self.engine.device)
         pred.learner_heatmaps = dict(zip(self.learner_names, maps))
         pred.working_image = seg.working_image

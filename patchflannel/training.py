@@ -206,17 +206,17 @@ class LRPolicy:
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 
-    def rescale(self, factors: list[float]) -> None:
-        """Multiply every group's rate (current, initial and the schedule's bounds) by its factor,
+    def rescale(self, factor: float) -> None:
+        """Multiply every group's rate (current, initial and the schedule's bounds) by ``factor``,
         mid-run: for resuming with a changed learning rate (population-based training)."""
         keys = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
-        for group, f in zip(self.optimizer.param_groups, factors):
+        for group in self.optimizer.param_groups:
             for k in keys:
                 if k in group:
-                    group[k] *= f
+                    group[k] *= factor
         for attr in ("base_lrs", "max_lrs", "min_lrs"):
             if hasattr(self.scheduler, attr):
-                setattr(self.scheduler, attr, [v * f for v, f in zip(getattr(self.scheduler, attr), factors)])
+                setattr(self.scheduler, attr, [v * factor for v in getattr(self.scheduler, attr)])
         if hasattr(self.scheduler, "_last_lr"):
             self.scheduler._last_lr = self.get_last_lr()
 

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .learners.train import LearnerTrainConfig, recipe_config
@@ -86,19 +86,17 @@ def trial_config(base: LearnerTrainConfig, sampled: dict) -> LearnerTrainConfig:
     unknown = set(sampled) - set(SEARCHED)
     if unknown:
         raise ValueError(f"not searchable: {sorted(unknown)}")
-    fields = asdict(base)
-    fields.update(sampled, schedule="step", patience=fields["epochs"] + 1)
-    fields["normalization"] = base.normalization
-    return LearnerTrainConfig(**fields)
+    return replace(base, **sampled, schedule="step", patience=base.epochs + 1)
 
 
-def _run_trial(sampled: dict, *, packs: list[str], base: dict, limit: int | None, device: str) -> None:
+def _run_trial(sampled: dict, *, packs: list[str], base: LearnerTrainConfig, limit: int | None,
+               device: str) -> None:
     """One Tune trial: train with the sampled values, report after every epoch; under PBT start
     from the checkpoint Tune hands over (another trial's, with perturbed values)."""
     _, tune = _require_ray()
     from .learners.train import train
 
-    cfg = trial_config(LearnerTrainConfig(**base), sampled)
+    cfg = trial_config(base, sampled)
     out_dir = Path(tune.get_context().get_trial_dir()) / "run"
     out_dir.mkdir(parents=True, exist_ok=True)
     handed = tune.get_checkpoint()
@@ -149,7 +147,7 @@ def run_search(packs: list[str | os.PathLike], out: str | os.PathLike, base: Lea
                      object_store_memory=256 * 1024**2)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, packs=[str(Path(p).resolve()) for p in packs],
-                             base={**asdict(base), "normalization": base.normalization}, limit=limit,
+                             base=base, limit=limit,
                              device=device),
         {"cpu": cpus_per_trial})
     tuner = tune.Tuner(

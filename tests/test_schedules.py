@@ -70,7 +70,7 @@ def test_rescale_carries_a_schedules_progress_to_a_new_rate():
     policy = LRPolicy(opt, "step", epochs=4, steps_per_epoch=1, step_size=1, gamma=0.5)
     _run(policy, opt, 2, 1)
     assert policy.get_last_lr() == pytest.approx([0.025])
-    policy.rescale([2.0])  # the run goes on as if it had started at 0.2
+    policy.rescale(2.0)  # the run goes on as if it had started at 0.2
     _run(policy, opt, 1, 1)
     assert policy.get_last_lr() == pytest.approx([0.025])
 

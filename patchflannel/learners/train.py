@@ -141,11 +141,11 @@ def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, gene
     return extract_patches(data.images[indices][:, None], centres, size).float() / 255.0
 
 
-def draw_inputs(data: MaskedSet, indices: torch.Tensor, cfg: LearnerTrainConfig,
+def draw_inputs(data: MaskedSet, indices: torch.Tensor, cfg: LearnerTrainConfig, augmentation: Augmentation,
                 generator: torch.Generator) -> torch.Tensor:
-    """A training batch in [0, 1] augmented with ``cfg.augment``: ``patches_per_image`` lung
-    patches per image, or the whole images for ``cfg.input == "whole_image"``."""
-    augmentation = Augmentation.parse(cfg.augment)
+    """A training batch in [0, 1] augmented with ``augmentation`` (``cfg.augment``, parsed once per
+    run): ``patches_per_image`` lung patches per image, or the whole images for
+    ``cfg.input == "whole_image"``."""
     if cfg.input == "whole_image":
         return augmentation(data.images[indices][:, None].float() / 255.0, generator, max_translate=0.05)
     x = draw_patches(data, indices, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
@@ -186,6 +186,11 @@ def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, d
     return classification_report(data.labels, pred)
 
 
+def config_record(cfg: LearnerTrainConfig) -> dict:
+    """``cfg`` as saved with checkpoints, bundles and reports (not the split file's local path)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "split_file"}
+
+
 @dataclass
 class _Run:
     """What training and the learning-rate finder set up alike."""
@@ -198,6 +203,7 @@ class _Run:
     model: torch.nn.Module
     trainable: list
     images_per_step: int
+    augmentation: Augmentation
     loss_fn: torch.nn.Module
     sample_weight: torch.Tensor | None  # None: a random permutation per epoch
 
@@ -257,14 +263,14 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
         if cfg.balance == "sampler":
             sample_weight = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.float64)
     return _Run(place, device, progress, train_set, val_set, model, [p for p in params if p.requires_grad],
-                max(1, cfg.batch_size // per_image), loss_fn, sample_weight)
+                max(1, cfg.batch_size // per_image), Augmentation.parse(cfg.augment), loss_fn, sample_weight)
 
 
 def training_batch(run: _Run, indices: torch.Tensor, cfg: LearnerTrainConfig,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (normalised) and targets of one global batch: the images' classes, or for the
     rotation task each patch turned by a random multiple of 90 degrees and that multiple."""
-    x = draw_inputs(run.train_set, indices, cfg, generator)
+    x = draw_inputs(run.train_set, indices, cfg, run.augmentation, generator)
     if cfg.task == "rotation":
         y = torch.randint(0, 4, (len(x),), generator=generator)
         x = rotate_quarters(x, y)
@@ -335,8 +341,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
         log.info("resumed after epoch %d (best val macro-F1 %.4f)", state["epoch"] + 1, best)
         _apply_changed_hyperparameters(json.loads(state.get("config", "{}")), cfg, optimizer, scheduler)
     model = wrap(model, place, device)
-    record = {k: v for k, v in asdict(cfg).items() if k != "split_file"}
-    record["packs"] = [Path(p).name for p in packs]
+    record = {**config_record(cfg), "packs": [Path(p).name for p in packs]}
 
     epochs_run = 0
     for epoch in range(start_epoch, cfg.epochs):
@@ -423,7 +428,7 @@ def find_lr(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfi
 
     result = lr_range_test(step, optimizer, start_lr=start_lr, end_lr=end_lr, steps=steps)
     bar.close()
-    result["config"] = {k: v for k, v in asdict(cfg).items() if k != "split_file"}
+    result["config"] = config_record(cfg)
     if run.place.main:
         write_lr_result(result, out_dir, title=f"{cfg.learner} ({cfg.optimizer}, layer decay {cfg.layer_decay})")
     log.info("LR range test: steepest %.2e, minimum %.2e, suggested %.2e-%.2e", result["steepest"],
@@ -436,12 +441,14 @@ def _apply_changed_hyperparameters(saved: dict, cfg: LearnerTrainConfig, optimiz
     progress over to ``cfg``'s rate, and set its momentum and weight decay."""
     if saved.get("lr", cfg.lr) != cfg.lr:
         log.info("learning rate %g -> %g from here on", saved["lr"], cfg.lr)
-        scheduler.rescale([cfg.lr / saved["lr"]] * len(optimizer.param_groups))
+        scheduler.rescale(cfg.lr / saved["lr"])
     for group in optimizer.param_groups:
         group["weight_decay"] = cfg.weight_decay
-        if "momentum" in group and scheduler.name not in ("onecycle", "cyclic"):  # those cycle it themselves
+        if scheduler.per_batch:  # onecycle and cyclic set the momentum themselves
+            continue
+        if "momentum" in group:
             group["momentum"] = cfg.momentum
-        elif "betas" in group and scheduler.name not in ("onecycle", "cyclic"):
+        elif "betas" in group:
             group["betas"] = (cfg.momentum, group["betas"][1])
 
 
