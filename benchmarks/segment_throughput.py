@@ -61,6 +61,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--device", default="cpu", help="cpu (the README's numbers), cuda, or auto")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
     step = max(1, len(rows) // (4 * args.n))
     rows_4n = rows[::step][: 4 * args.n]
     rows_n = rows_4n[: args.n]
-    segmenter = Segmenter.from_bundle(args.weights, device="cpu", batch_size=args.batch_size)
+    segmenter = Segmenter.from_bundle(args.weights, device=args.device, batch_size=args.batch_size)
     inputs = [segmenter.network_input(load_image(r["image"])) for r in rows_n]
     segmenter.probabilities(inputs[: args.batch_size])  # warm-up
 

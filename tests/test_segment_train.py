@@ -44,3 +44,21 @@ def test_resume_reproduces_an_uninterrupted_run(lungseg_dir, tmp_path):
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_sample_caches_make_the_run_folder_self_contained(lungseg_dir, tmp_path):
+    run = tmp_path / "run"
+    train(lungseg_dir, run, tiny_config(1), device="cpu", progress=False, limit=8, max_epochs_this_run=0)
+    assert sorted(p.name for p in run.glob("samples-*.npz")) == ["samples-train-64.npz", "samples-val-64.npz"]
+    # Another machine: the run folder and the manifest alone, none of the films.
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "lungseg").mkdir(parents=True)
+    (elsewhere / "lungseg" / "manifest.csv").write_bytes((lungseg_dir / "manifest.csv").read_bytes())
+    for f in run.iterdir():
+        (elsewhere / f.name).write_bytes(f.read_bytes())
+    moved = train(elsewhere / "lungseg", elsewhere, tiny_config(1), device="cpu", progress=False, limit=8)
+    here = train(lungseg_dir, run, tiny_config(1), device="cpu", progress=False, limit=8)
+    assert moved["history"][0]["train_loss"] == here["history"][0]["train_loss"]
+    with np.load(run / "samples-train-64.npz") as cached:
+        assert cached["images"].dtype == np.uint8 and cached["images"].shape == (8, 64, 64)
+        assert str(cached["names"][0]).startswith("images/")

@@ -77,3 +77,17 @@ def test_arrays_are_validated_and_rescaled(segmenter, held_out):
     bad[0, 0] = np.nan
     with pytest.raises(InvalidImageError, match="NaN"):
         segmenter.segment(bad)
+
+
+def test_every_shipped_segmenter_holds_out_the_same_patients_and_segments_them(held_out):
+    # The bundles are compared on one held-out set, so they must share one split.
+    weights = SHIPPED_SEGMENTER.parent
+    bundles = sorted(p for p in weights.glob("segmenter-*") if (p / "config.json").is_file())
+    assert len(bundles) >= 3
+    for bundle in bundles:
+        assert (bundle / "split.csv").read_text() == (SHIPPED_SEGMENTER / "split.csv").read_text(), bundle
+    big = Segmenter.from_bundle(weights / "segmenter-fcdensenet103", device="cpu")
+    assert big.preprocess.size == 320
+    images = [load_image(r["image"]) for r in held_out[:2]]
+    for row, res in zip(held_out, big.segment_batch(images)):
+        assert jaccard_dice(res.mask, load_mask(row["mask"]))[1] > 0.9

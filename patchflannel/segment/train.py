@@ -84,14 +84,35 @@ class SegSamples:
     masks: torch.Tensor  # (N, 1, S, S) float32 in [0, 1]
 
 
-def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bool = True) -> SegSamples:
-    """Decode, equalise at full resolution and resize each image/mask pair once."""
+def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bool = True,
+                 cache: Path | None = None) -> SegSamples:
+    """Decode, equalise at full resolution and resize each image/mask pair once.
+
+    Images and masks are kept at 8 bits (1/255 steps, below the intensity jitter of
+    training), so the set fits a small ``cache`` file (``.npz``): a resumed run, or the
+    same run on another machine, reads it instead of the original films. The cache is
+    used only when it holds exactly ``rows`` at this size.
+    """
+    # Films named by folder and file, not by absolute path, so the cache travels with the run folder.
+    names = np.asarray(["/".join(Path(row["image"]).parts[-2:]) for row in rows])
+    if cache is not None and cache.is_file():
+        with np.load(cache) as stored:
+            if stored["names"].tolist() == names.tolist() and stored["images"].shape[-1] == preprocess.size:
+                images, masks = stored["images"], stored["masks"]
+                return SegSamples(rows, torch.from_numpy(images / np.float32(255))[:, None],
+                                  torch.from_numpy(masks / np.float32(255))[:, None])
     size = (preprocess.size, preprocess.size)
-    images, masks = [], []
-    for row in tqdm(rows, desc="loading", disable=not progress, leave=False):
-        images.append(resize(preprocess.intensity(load_image(row["image"])), size))
-        masks.append(resize(load_mask(row["mask"]).astype(np.float32), size))
-    return SegSamples(rows, torch.from_numpy(np.stack(images))[:, None], torch.from_numpy(np.stack(masks))[:, None])
+    images = np.zeros((len(rows), *size), np.uint8)
+    masks = np.zeros((len(rows), *size), np.uint8)
+    for i, row in enumerate(tqdm(rows, desc="loading", disable=not progress, leave=False)):
+        images[i] = np.round(resize(preprocess.intensity(load_image(row["image"])), size) * 255)
+        masks[i] = np.round(resize(load_mask(row["mask"]).astype(np.float32), size) * 255)
+    if cache is not None:
+        partial = cache.with_name(cache.name + ".partial.npz")
+        np.savez_compressed(partial, names=names, images=images, masks=masks)
+        partial.replace(cache)
+    return SegSamples(rows, torch.from_numpy(images / np.float32(255))[:, None],
+                      torch.from_numpy(masks / np.float32(255))[:, None])
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, cfg: SegTrainConfig, generator: torch.Generator):
@@ -167,8 +188,8 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         train_rows, val_rows = train_rows[:limit], val_rows[: max(2, limit // 4)]
     preprocess = SegmenterPreprocess(size=cfg.size)
     log.info("train %d images, val %d images", len(train_rows), len(val_rows))
-    train_set = load_samples(train_rows, preprocess, progress)
-    val_set = load_samples(val_rows, preprocess, progress)
+    train_set = load_samples(train_rows, preprocess, progress, cache=out_dir / f"samples-train-{cfg.size}.npz")
+    val_set = load_samples(val_rows, preprocess, progress, cache=out_dir / f"samples-val-{cfg.size}.npz")
 
     model = build_segmentation_model(cfg.architecture)
     if cfg.encoder_weights:
