@@ -298,8 +298,8 @@ def markdown(summary: dict) -> str:
     def pct(stat):
         return f"{stat['mean']:.1%}" if stat["per_fold"] else "-"
 
-    lines += ["", "Shortcut checks: Cohen's films are all adults from one collection, so covid against "
-              "Cohen's bacterial/viral/normal films is the comparison age and hospital style cannot answer.", "",
+    lines += ["", ("Shortcut checks: Cohen's films are all adults from one collection, so covid against "
+                   "Cohen's bacterial/viral/normal films is the comparison age and hospital style cannot answer."), "",
               "| model | Cohen non-covid -> covid | Cohen covid-vs-rest ROC-AUC | ECE |", "|---|---|---|---|"]
     for name, m in models.items():
         auc = m["cohen_covid_auc"]
@@ -307,8 +307,8 @@ def markdown(summary: dict) -> str:
                      f"{ms(auc) if auc['per_fold'] else '-'} | {ms(m['ece']) if m['ece']['per_fold'] else '-'} |")
     if "ensemble_calibration" in summary:
         c = summary["ensemble_calibration"]
-        lines += ["", f"FLANNEL calibration (temperature fitted out-of-fold on the validation fold): T = "
-                      f"{ms(c['temperature'])}, test ECE {ms(c['ece'])} before, {ms(c['ece_calibrated'])} after."]
+        lines += ["", (f"FLANNEL calibration (temperature fitted out-of-fold on the validation fold): T = "
+                       f"{ms(c['temperature'])}, test ECE {ms(c['ece'])} before, {ms(c['ece_calibrated'])} after.")]
     return "\n".join(lines)
 
 

@@ -196,8 +196,8 @@ def collect(args) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| recipe | folds | macro-F1 (mean ± std) | Δ vs baseline (paired, mean ± std) | adult non-COVID called covid "
-             "| adult other pneumonia called covid | train time (median s) | time ratio |",
+    lines = [("| recipe | folds | macro-F1 (mean ± std) | Δ vs baseline (paired, mean ± std) | adult non-COVID called covid "
+              "| adult other pneumonia called covid | train time (median s) | time ratio |"),
              "|---|---|---|---|---|---|---|---|"]
     for recipe, r in summary["recipes"].items():
         delta = "—" if recipe == BASELINE or r["delta_vs_baseline_mean"] is None else \

@@ -65,7 +65,7 @@ def extract_patches(images: torch.Tensor, centres: torch.Tensor, size: int = 224
         ``(N * K, C, size, size)``, image-major (all K patches of image 0 first), zero
         outside the image.
     """
-    n, c, h, w = images.shape
+    n, c = images.shape[:2]
     k = centres.shape[1]
     half = size // 2
     padded = torch.nn.functional.pad(images, (half, size - half, half, size - half))

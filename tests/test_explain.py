@@ -1,7 +1,6 @@
 """Grad-CAM over patches: placement, the per-patch maps, and explained pipeline predictions."""
 import csv
 
-import numpy as np
 import pytest
 import torch
 

@@ -10,7 +10,7 @@ from patchflannel.io import as_grey_float, load_image
 from patchflannel.segment import LungCheck, lung_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from rejection import non_cxr_images  # noqa: E402
+from rejection import non_cxr_images
 
 
 def _two_lungs(size=160, sure=True) -> np.ndarray:

@@ -57,7 +57,7 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
 
 def test_vote_majority_and_tie_break():
     p = torch.tensor([[0.6, 0.4, 0, 0], [0.6, 0.4, 0, 0], [0.1, 0.9, 0, 0], [0.2, 0.0, 0.8, 0]])
-    mean, votes, label = vote(p)
+    _, votes, label = vote(p)
     torch.testing.assert_close(votes, torch.tensor([0.5, 0.25, 0.25, 0.0]))
     assert label.item() == 0
     tie = torch.tensor([[0.51, 0.49, 0, 0], [0.0, 1.0, 0, 0]])  # one vote each; class 1 has the higher mean

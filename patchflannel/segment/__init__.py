@@ -17,8 +17,8 @@ __all__ = [
     "create_fcdensenet",
     "default_bundle_path",
     "keep_largest_components",
-    "lung_features",
     "load_bundle",
+    "lung_features",
     "postprocess_mask",
     "save_bundle",
 ]

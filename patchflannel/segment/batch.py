@@ -123,7 +123,7 @@ def _temp_target(tmp: Path, out_dir: Path) -> str:
     """The output name (relative, ``.npz`` dropped) an ``atomic_write`` temp file was for."""
     target = tmp.name[1:].rsplit(".", 2)[0]  # ".<name>.<random>.tmp" -> "<name>"
     rel = (tmp.parent / target).relative_to(out_dir).as_posix()
-    return rel[:-4] if rel.endswith(".npz") else rel
+    return rel.removesuffix(".npz")
 
 
 def remove_stale_temp_files(out_dir: Path, shard: Shard | None = None) -> int:
