@@ -119,6 +119,9 @@ def fold_roles(fold: int, rows: list[dict], folds: dict[str, int], args) -> dict
     val_fold = (fold + 1) % args.n_folds
     role = {r["patient_id"]: "test" if folds[film_id(r)] == fold else "val" if folds[film_id(r)] == val_fold
             else "train" for r in rows}
+    if args.train_without:  # that pack's patients neither train nor stack; the test fold keeps them
+        left_out = {r["patient_id"] for r in rows if Path(r["pack"]).stem in args.train_without}
+        role = {p: "unused" if p in left_out and r != "test" else r for p, r in role.items()}
     write_split(role, fold_dir / "split.csv")
     return role
 
@@ -373,6 +376,10 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--budget", choices=["recipe", "reduced"], default="recipe",
                    help="training epochs: each learner's recipe, or the reduced CPU budget (REDUCED_EPOCHS)")
+    p.add_argument("--train-without", nargs="+", default=[], metavar="PACK",
+                   help="packs (by file stem, e.g. adult) whose patients neither train nor fit the ensemble; "
+                        "their test-fold films are still scored. With a copy of another run's folds.csv in "
+                        "--out, this is that protocol without those films (e.g. cxr4 alone)")
     p.add_argument("--quick", action="store_true", help="smoke run: few images, one epoch, K=4")
     p.add_argument("--job", default=None,
                    help="one job of a scheduler: a learner name or whole_image (trains it for --folds), or "

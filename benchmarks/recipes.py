@@ -93,7 +93,7 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
     out = args.out / slug(recipe) / f"fold{fold}"
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
-    roles = fold_roles(fold, rows, folds, SimpleNamespace(out=args.out, n_folds=args.n_folds))
+    roles = fold_roles(fold, rows, folds, SimpleNamespace(out=args.out, n_folds=args.n_folds, train_without=[]))
     split = str(args.out / f"fold{fold}" / "split.csv")
     overrides = dict(ABLATION[recipe])
     pretrain, search_lr = overrides.pop("pretrain", False), overrides.pop("find_lr", False)

@@ -75,3 +75,19 @@ def test_jobs_and_collector_reproduce_the_single_run(cross_validation, packs, tm
     jobs = json.loads((tmp_path / "jobs" / "summary.json").read_text())
     for name in single["models"]:
         assert jobs["models"][name]["macro_f1"] == single["models"][name]["macro_f1"]
+
+
+def test_train_without_a_pack_keeps_its_films_in_the_test_fold_only(cross_validation, tmp_path):
+    from types import SimpleNamespace
+
+    rows = [{"pack": f"/x/{pack}.h5", "index": i, "patient_id": f"{pack}-{i}", "label": "normal"}
+            for pack in ("cxr4", "adult") for i in range(3)]
+    folds = {cross_validation.film_id(r): r["index"] for r in rows}  # patient i sits in fold i
+    args = SimpleNamespace(out=tmp_path, n_folds=3, train_without=["adult"])
+    role = cross_validation.fold_roles(0, rows, folds, args)
+    assert role == {"cxr4-0": "test", "cxr4-1": "val", "cxr4-2": "train",
+                    "adult-0": "test", "adult-1": "unused", "adult-2": "unused"}
+    with open(tmp_path / "fold0" / "split.csv") as f:
+        assert {r["patient_id"]: r["split"] for r in csv.DictReader(f)} == role
+    args.train_without = []
+    assert cross_validation.fold_roles(0, rows, folds, args)["adult-2"] == "train"
