@@ -65,8 +65,10 @@ from patchflannel.learners.bundle import load_learner
 from patchflannel.learners.data import load_whole_image_set, read_rows
 from patchflannel.learners.engine import PatchEngine
 from patchflannel.learners.evaluate import (
+    COHEN,
     FLANNEL_ENSEMBLE,
     MEAN_OF_LEARNERS,
+    covid_auc,
     predict_probs,
     score,
 )
@@ -308,11 +310,45 @@ def markdown(summary: dict) -> str:
         auc = m["cohen_covid_auc"]
         lines.append(f"| {name} | {pct(m['cohen_noncovid_called_covid'])} | "
                      f"{ms(auc) if auc['per_fold'] else '-'} | {ms(m['ece']) if m['ece']['per_fold'] else '-'} |")
+    if "cohen_pooled" in summary:
+        c = summary["cohen_pooled"]
+        lines += ["", (f"Pooled over the folds' test predictions: {c['n_covid']} Cohen covid films against "
+                       f"{c['n_noncovid']} Cohen non-COVID films."), "",
+                  "| model | Cohen covid-vs-rest ROC-AUC (pooled) | Cohen non-covid -> covid (pooled) |", "|---|---|---|"]
+        for name, m in c["models"].items():
+            auc = "-" if m["covid_auc"] is None else f"{m['covid_auc']:.3f}"
+            called = "-" if m["noncovid_called_covid"] is None else f"{m['noncovid_called_covid']:.1%}"
+            lines.append(f"| {name} | {auc} | {called} |")
     if "ensemble_calibration" in summary:
         c = summary["ensemble_calibration"]
         lines += ["", (f"FLANNEL calibration (temperature fitted out-of-fold on the validation fold): T = "
                        f"{ms(c['temperature'])}, test ECE {ms(c['ece'])} before, {ms(c['ece_calibrated'])} after.")]
     return "\n".join(lines)
+
+
+def pooled_predictions(out: Path, folds: list[int]) -> dict[str, np.ndarray]:
+    """The test predictions of ``folds`` (``foldN/test_predictions.npz``) concatenated: every
+    labelled film once, each predicted by the models of the fold that held it out."""
+    parts = [np.load(out / f"fold{f}" / "test_predictions.npz") for f in folds]
+    return {key: np.concatenate([z[key] for z in parts]) for key in parts[0].files}
+
+
+def pooled_cohen(out: Path, folds: list[int], names: list[str]) -> dict:
+    """Per model, over the pooled out-of-fold test predictions of Cohen's films (all adults,
+    one collection): ROC-AUC of p(covid) for covid against bacterial/viral/normal films, and
+    the share of those non-COVID films called covid. Pooling gives the AUC every non-COVID
+    film of the collection instead of a handful per fold."""
+    pooled = pooled_predictions(out, folds)
+    cohen = pooled["sources"] == COHEN
+    truth = pooled["labels"][cohen]
+    covid = CLASSES.index("covid")
+    report = {"n_covid": int((truth == covid).sum()), "n_noncovid": int((truth != covid).sum()), "models": {}}
+    for name in names:
+        probs = pooled[name.replace(" ", "_")][cohen]
+        called = probs[truth != covid].argmax(-1) == covid
+        report["models"][name] = {"covid_auc": covid_auc(truth, probs),
+                                  "noncovid_called_covid": float(called.mean()) if called.size else None}
+    return report
 
 
 def plots(summary: dict, out: Path) -> list[str]:
@@ -342,14 +378,12 @@ def plots(summary: dict, out: Path) -> list[str]:
     fig.savefig(out / "confusion.png", dpi=110)
     plt.close(fig)
 
-    pooled = [np.load(p) for p in sorted(out.glob("fold*/test_predictions.npz"))
-              if int(p.parent.name.removeprefix("fold")) in summary["folds"]]
-    labels = np.concatenate([z["labels"] for z in pooled])
+    pooled = pooled_predictions(out, summary["folds"])
+    labels = pooled["labels"]
     fig, axes = plt.subplots(1, len(CLASSES), figsize=(4 * len(CLASSES), 3.6))
     for c, ax in enumerate(axes):
         for name in names:
-            scores = np.concatenate([z[name.replace(" ", "_")] for z in pooled])[:, c]
-            precision, recall, _ = precision_recall_curve(labels == c, scores)
+            precision, recall, _ = precision_recall_curve(labels == c, pooled[name.replace(" ", "_")][:, c])
             ax.plot(recall, precision, label=name, lw=1.5 if name in (FLANNEL_ENSEMBLE, WHOLE_IMAGE) else 0.8)
         ax.set_title(f"{CLASSES[c]} (pooled over folds)", fontsize=9)
         ax.set_xlabel("recall")
@@ -422,6 +456,7 @@ def main(argv=None) -> dict:
     summary.update({"command": " ".join(sys.argv), "learners": args.learners, "n_folds": args.n_folds,
                     "quick": args.quick, "budget": args.budget,
                     "epochs": REDUCED_EPOCHS if args.budget == "reduced" else None})
+    summary["cohen_pooled"] = pooled_cohen(args.out, summary["folds"], list(summary["models"]))
     summary["plots"] = plots(summary, args.out)
     (args.out / "summary.md").write_text(markdown(summary) + "\n")
     print(markdown(summary))

@@ -91,3 +91,24 @@ def test_train_without_a_pack_keeps_its_films_in_the_test_fold_only(cross_valida
         assert {r["patient_id"]: r["split"] for r in csv.DictReader(f)} == role
     args.train_without = []
     assert cross_validation.fold_roles(0, rows, folds, args)["adult-2"] == "train"
+
+
+def test_cohen_auc_is_pooled_over_the_folds_test_predictions(cross_validation, tmp_path):
+    import numpy as np
+
+    covid, normal = 0, 3
+    folds = {  # per fold: (label, source, p(covid)); each fold alone has one Cohen non-COVID film
+        0: [(covid, "cohen", 0.9), (normal, "cohen", 0.2), (normal, "nih", 0.9)],
+        1: [(covid, "cohen", 0.3), (normal, "cohen", 0.6)],
+    }
+    for fold, films in folds.items():
+        probs = np.asarray([[p, 0, 0, 1 - p] for _, _, p in films])
+        (tmp_path / f"fold{fold}").mkdir()
+        np.savez(tmp_path / f"fold{fold}" / "test_predictions.npz", films=np.arange(len(films)),
+                 labels=np.asarray([lab for lab, _, _ in films]), sources=np.asarray([s for _, s, _ in films]),
+                 FLANNEL_ensemble=probs)
+    report = cross_validation.pooled_cohen(tmp_path, [0, 1], ["FLANNEL ensemble"])
+    assert (report["n_covid"], report["n_noncovid"]) == (2, 2)  # the NIH film is not Cohen's
+    ensemble = report["models"]["FLANNEL ensemble"]
+    assert ensemble["covid_auc"] == 0.75  # pairs (0.9 > 0.2), (0.9 > 0.6), (0.3 > 0.2), (0.3 < 0.6)
+    assert ensemble["noncovid_called_covid"] == 0.5  # 0.6 is called covid, 0.2 is not
