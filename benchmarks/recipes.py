@@ -76,6 +76,7 @@ ABLATION: dict[str, dict] = {
     "+ horizontal flips": {"augment": "standard+flip"},
     "class-weighted loss (no sampler)": {"balance": "loss"},
     "focal loss (no sampler)": {"balance": "focal"},
+    "style-balanced sampler (class, then source)": {"balance": "source"},
     "random init (no ImageNet)": {"weights": None, "freeze_fraction": 0.0, "lr": 3e-3},
     "CXR rotation pretraining, then fine-tune": {"pretrain": True},
     # Not recipes but the shortcut's two controls, on the same budget and folds:

@@ -9,6 +9,7 @@ from patchflannel.learners.train import (
     LearnerTrainConfig,
     find_lr,
     rotate_quarters,
+    style_balanced_weights,
     train,
 )
 from patchflannel.lr_finder import lr_range_test, suggest
@@ -41,6 +42,19 @@ def test_range_test_finds_the_working_rates_of_a_known_problem():
     assert low <= high
     with pytest.raises(ValueError, match="stopped after"):
         suggest([1e-3, 1e-2, 1e-1], [1.0, 0.9, 5.0])
+
+
+def test_style_balanced_weights_share_each_class_equally_among_its_sources():
+    labels = [0, 0, 0, 3, 3, 3, 3, 3, -1]
+    sources = ["cohen", "cohen", "cohen", "nih", "nih", "nih", "kermany", "cohen", "adult"]
+    w = style_balanced_weights(labels, sources).numpy()
+    share = {key: sum(wi for wi, lab, src in zip(w, labels, sources) if (lab, src) == key)
+             for key in {(lab, src) for lab, src in zip(labels, sources)}}
+    assert share[0, "cohen"] == pytest.approx(1 / 2)  # covid: one source holds the whole class share
+    for source in ("nih", "kermany", "cohen"):  # normal: its three sources share the class equally
+        assert share[3, source] == pytest.approx(1 / 6)
+    assert w[-1] == 0  # labels outside the classes are never drawn
+    assert w[7] == pytest.approx(3 * w[3])  # the one Cohen normal weighs as much as the three NIH ones together
 
 
 def test_rotate_quarters_is_rot90():

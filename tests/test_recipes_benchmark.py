@@ -21,7 +21,7 @@ def recipes():
 
 @pytest.mark.slow
 def test_two_recipes_on_one_fold_in_two_shards(recipes, packs, tmp_path):
-    chosen = [recipes.BASELINE, "focal loss (no sampler)"]
+    chosen = [recipes.BASELINE, "style-balanced sampler (class, then source)"]
     argv = ["--packs", *map(str, packs), "--out", str(tmp_path), "--learner", "resnet18", "--patch-size", "96",
             "--n-folds", "3",
             "--folds", "0", "--limit", "8", "--epochs", "1", "--test-limit", "6", "--k", "2", "--recipes", *chosen]
@@ -29,15 +29,15 @@ def test_two_recipes_on_one_fold_in_two_shards(recipes, packs, tmp_path):
         recipes.main([*argv, "--shard", shard])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["recipes"]) == chosen
-    base, focal = (summary["recipes"][r] for r in chosen)
-    assert base["folds"] == focal["folds"] == [0]
+    base, styled = (summary["recipes"][r] for r in chosen)
+    assert base["folds"] == styled["folds"] == [0]
     job = json.loads((tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").read_text())
-    assert job["config"]["balance"] == "focal" and job["n_test"] == 6
-    assert focal["delta_vs_baseline_mean"] == pytest.approx(
+    assert job["config"]["balance"] == "source" and job["n_test"] == 6
+    assert styled["delta_vs_baseline_mean"] == pytest.approx(
         job["macro_f1"] - json.loads((tmp_path / recipes.slug(chosen[0]) / "fold0" / "result.json").read_text())[
             "macro_f1"])
     table = (tmp_path / "summary.md").read_text()
-    assert table.count("\n") == 2 + 2 and "focal loss" in table
+    assert table.count("\n") == 2 + 2 and "style-balanced" in table
     mtime = (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime
     recipes.main(argv)  # finished jobs are not rerun
     assert (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime == mtime

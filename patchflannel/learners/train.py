@@ -88,7 +88,9 @@ class LearnerTrainConfig:
     plateau_patience: int = 2  # epochs without improvement before a "plateau" decay
     layer_decay: float = 1.0  # < 1: discriminative fine-tuning, each earlier quarter of layers x this
     seed: int = 0
-    balance: str = "sampler"  # "sampler" (weighted sampling), "loss" (class weights), "focal" or "none"
+    # "sampler" (weighted sampling by class), "source" (by class, then equally by source within
+    # a class: style-balanced), "loss" (class weights), "focal" or "none"
+    balance: str = "sampler"
     focal_gamma: float = 2.0  # with balance="focal": FocalLoss(alpha = inverse class frequency, gamma)
     patience: int = 4
     val_k: int = 16
@@ -262,8 +264,32 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
         loss_fn = torch.nn.CrossEntropyLoss(weight=class_weight.to(device) if cfg.balance == "loss" else None)
         if cfg.balance == "sampler":
             sample_weight = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.float64)
+        elif cfg.balance == "source":
+            sample_weight = style_balanced_weights(train_set.labels, [r["source"] for r in train_set.rows])
     return _Run(place, device, progress, train_set, val_set, model, [p for p in params if p.requires_grad],
                 max(1, cfg.batch_size // per_image), Augmentation.parse(cfg.augment), loss_fn, sample_weight)
+
+
+def style_balanced_weights(labels: np.ndarray, sources: list[str]) -> torch.Tensor:
+    """Sampling weights that give every class the same share and, within a class, every
+    ``source`` the same share of that class: a film weighs
+    ``1 / (classes x sources of its class x films of its (source, class))``.
+
+    With the class-balanced sampler, a source that holds most of a class sets that class's
+    look (NIH films for adult normals, Kermany's for children). Here Cohen's few non-COVID
+    adult films are drawn as often as the NIH normals, so "adult hospital style" no longer
+    separates covid from the rest as cleanly.
+    """
+    labels = np.asarray(labels)
+    cells: dict[tuple[int, str], int] = {}
+    for label, source in zip(labels, sources):
+        if label >= 0:
+            cells[label, source] = cells.get((label, source), 0) + 1
+    classes = {label for label, _ in cells}
+    sources_of = {c: sum(label == c for label, _ in cells) for c in classes}
+    weights = [0.0 if label < 0 else 1.0 / (len(classes) * sources_of[label] * cells[label, source])
+               for label, source in zip(labels, sources)]
+    return torch.as_tensor(weights, dtype=torch.float64)
 
 
 def training_batch(run: _Run, indices: torch.Tensor, cfg: LearnerTrainConfig,
@@ -480,8 +506,9 @@ def main(argv=None) -> None:
                    help="discriminative fine-tuning: each earlier quarter of the layers trains at this "
                         "times the next one's rate (1 = one rate)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--balance", choices=("sampler", "loss", "focal", "none"), default=d.balance,
-                   help="class balancing: weighted sampling, class-weighted loss, focal loss or none")
+    p.add_argument("--balance", choices=("sampler", "source", "loss", "focal", "none"), default=d.balance,
+                   help="class balancing: weighted sampling by class, or by class then source (style-balanced), "
+                        "class-weighted loss, focal loss or none")
     p.add_argument("--focal-gamma", type=float, default=d.focal_gamma)
     p.add_argument("--augment", default=d.augment,
                    help="augmentation set: standard, none or strong, '+'-joined with modifiers "
