@@ -10,7 +10,10 @@ one target teaches the network neither; ``gbseg`` test images are still evaluate
 reported as a cross-convention check. Every epoch the full training state is
 checkpointed (``checkpoint.pt``); re-running the same command resumes from it. The
 model with the best validation Jaccard is exported as a bundle (``bundle/``) each time
-it improves.
+it improves. The preprocessed training and validation films are cached in the run
+folder (``samples-{train,val}-SIZE.npz``, 8-bit): with them and ``manifest.csv`` the run
+folder trains on another machine (a GPU) without the original films
+(``--max-epochs-this-run 0`` writes the split and caches and trains nothing).
 """
 from __future__ import annotations
 
