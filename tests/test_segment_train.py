@@ -62,3 +62,17 @@ def test_sample_caches_make_the_run_folder_self_contained(lungseg_dir, tmp_path)
     with np.load(run / "samples-train-64.npz") as cached:
         assert cached["images"].dtype == np.uint8 and cached["images"].shape == (8, 64, 64)
         assert str(cached["names"][0]).startswith("images/")
+
+
+def test_a_sample_cache_is_not_reused_under_other_preprocessing(lungseg_dir, tmp_path):
+    from patchflannel.data import read_manifest
+    from patchflannel.preprocess import SegmenterPreprocess
+    from patchflannel.segment.train import load_samples
+
+    rows = read_manifest(lungseg_dir / "manifest.csv")[:2]
+    cache = tmp_path / "samples.npz"
+    first = load_samples(rows, SegmenterPreprocess(size=32), progress=False, cache=cache)
+    again = load_samples(rows, SegmenterPreprocess(size=32), progress=False, cache=cache)
+    assert torch.equal(first.images, again.images)
+    other = load_samples(rows, SegmenterPreprocess(size=32, gamma=1.0), progress=False, cache=cache)
+    assert not torch.equal(first.images, other.images)  # recomputed (and the cache rewritten)

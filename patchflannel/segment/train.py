@@ -94,13 +94,14 @@ def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bo
     Images and masks are kept at 8 bits (1/255 steps, below the intensity jitter of
     training), so the set fits a small ``cache`` file (``.npz``): a resumed run, or the
     same run on another machine, reads it instead of the original films. The cache is
-    used only when it holds exactly ``rows`` at this size.
+    used only when it holds exactly ``rows`` under this preprocessing.
     """
     # Films named by folder and file, not by absolute path, so the cache travels with the run folder.
     names = np.asarray(["/".join(Path(row["image"]).parts[-2:]) for row in rows])
+    recipe = np.asarray(json.dumps(preprocess.to_dict(), sort_keys=True))
     if cache is not None and cache.is_file():
         with np.load(cache) as stored:
-            if stored["names"].tolist() == names.tolist() and stored["images"].shape[-1] == preprocess.size:
+            if stored["names"].tolist() == names.tolist() and str(stored["preprocess"]) == str(recipe):
                 images, masks = stored["images"], stored["masks"]
                 return SegSamples(rows, torch.from_numpy(images / np.float32(255))[:, None],
                                   torch.from_numpy(masks / np.float32(255))[:, None])
@@ -112,7 +113,7 @@ def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bo
         masks[i] = np.round(resize(load_mask(row["mask"]).astype(np.float32), size) * 255)
     if cache is not None:
         partial = cache.with_name(cache.name + ".partial.npz")
-        np.savez_compressed(partial, names=names, images=images, masks=masks)
+        np.savez_compressed(partial, names=names, preprocess=recipe, images=images, masks=masks)
         partial.replace(cache)
     return SegSamples(rows, torch.from_numpy(images / np.float32(255))[:, None],
                       torch.from_numpy(masks / np.float32(255))[:, None])
