@@ -39,6 +39,7 @@ from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
 from ..training import (
     LRPolicy,
+    atomic_write,
     grad_scaler,
     optimization_step,
     resolve_device,
@@ -99,22 +100,21 @@ def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bo
     # Films named by folder and file, not by absolute path, so the cache travels with the run folder.
     names = np.asarray(["/".join(Path(row["image"]).parts[-2:]) for row in rows])
     recipe = np.asarray(json.dumps(preprocess.to_dict(), sort_keys=True))
-    if cache is not None and cache.is_file():
-        with np.load(cache) as stored:
-            if stored["names"].tolist() == names.tolist() and str(stored["preprocess"]) == str(recipe):
-                images, masks = stored["images"], stored["masks"]
-                return SegSamples(rows, torch.from_numpy(images / np.float32(255))[:, None],
-                                  torch.from_numpy(masks / np.float32(255))[:, None])
-    size = (preprocess.size, preprocess.size)
-    images = np.zeros((len(rows), *size), np.uint8)
-    masks = np.zeros((len(rows), *size), np.uint8)
-    for i, row in enumerate(tqdm(rows, desc="loading", disable=not progress, leave=False)):
-        images[i] = np.round(resize(preprocess.intensity(load_image(row["image"])), size) * 255)
-        masks[i] = np.round(resize(load_mask(row["mask"]).astype(np.float32), size) * 255)
-    if cache is not None:
-        partial = cache.with_name(cache.name + ".partial.npz")
-        np.savez_compressed(partial, names=names, preprocess=recipe, images=images, masks=masks)
-        partial.replace(cache)
+    stored = dict(np.load(cache)) if cache is not None and cache.is_file() else {}
+    if stored.get("names", np.empty(0)).tolist() == names.tolist() and str(stored.get("preprocess")) == str(recipe):
+        images, masks = stored["images"], stored["masks"]
+    else:
+        size = (preprocess.size, preprocess.size)
+        images = np.zeros((len(rows), *size), np.uint8)
+        masks = np.zeros((len(rows), *size), np.uint8)
+        for i, row in enumerate(tqdm(rows, desc="loading", disable=not progress, leave=False)):
+            images[i] = np.round(resize(preprocess.intensity(load_image(row["image"])), size) * 255)
+            masks[i] = np.round(resize(load_mask(row["mask"]).astype(np.float32), size) * 255)
+        if cache is not None:
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, names=names, preprocess=recipe, images=images, masks=masks)
+            atomic_write(cache, write)
     return SegSamples(rows, torch.from_numpy(images / np.float32(255))[:, None],
                       torch.from_numpy(masks / np.float32(255))[:, None])
 
