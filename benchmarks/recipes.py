@@ -9,7 +9,10 @@ recipe) with one option of :class:`patchflannel.learners.train.LearnerTrainConfi
 ``cross_validation.py`` (same ``folds.csv`` drawing, fold ``f+1`` validates) and is scored on
 the test fold's patients. Two control rows use the same budget and folds: training without
 the adult normals (cxr4 only) and the whole-image baseline (the unmasked film letterboxed
-to the patch size, no patches). Reported per recipe: macro-F1 mean and std over folds, the paired
+to the patch size, no patches). Five input rows take the method's input apart: patches of
+the unmasked film (what the mask does), the whole masked film and the lung box (what the
+patches do), patches of the film at half size (patch scale) and per-film histogram
+equalisation of the lung (grey-level style). Reported per recipe: macro-F1 mean and std over folds, the paired
 per-fold difference to the baseline, the fraction of adult non-COVID test films (NIH normals
 and Cohen's bacterial/viral/normal films) called covid, the same for the test patients'
 adult ``other_pneumonia`` films (a label no model trains on), and the training wall time (median
@@ -37,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit
@@ -44,9 +48,9 @@ from cross_validation import fold_assignment, fold_roles, subsample
 
 from patchflannel.cv import write_split
 from patchflannel.learners.bundle import load_learner
-from patchflannel.learners.data import load_whole_image_set, read_rows
+from patchflannel.learners.data import FILE_INPUTS, WHOLE_INPUTS, load_learner_inputs, read_rows
 from patchflannel.learners.engine import PatchEngine
-from patchflannel.learners.evaluate import predict_probs, score
+from patchflannel.learners.evaluate import score
 from patchflannel.learners.registry import CLASSES, Normalization
 from patchflannel.learners.train import (
     find_lr,
@@ -82,6 +86,13 @@ ABLATION: dict[str, dict] = {
     # Not recipes but the shortcut's two controls, on the same budget and folds:
     "without the adult normals in training (cxr4 only)": {"drop_pack": "adult"},
     "whole-image baseline (unmasked film, no patches)": {"input": "whole_image"},
+    # What each part of the method's input does, against the baseline's masked 224 px patches
+    # of the 1024 px film:
+    "unmasked patches (lung centres, no mask)": {"input": "patches_unmasked"},
+    "whole masked film (mask, no patches)": {"input": "whole_masked"},
+    "lung box (masked film cropped to the lungs)": {"input": "lung_box"},
+    "patch scale x2 (film at 512 px)": {"film_size": 512},
+    "lung histogram equalisation": {"equalize": True},
 }
 
 
@@ -120,10 +131,9 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
         base["weights"] = str(out / "pretrain" / "bundle" / "model.safetensors")
         extra_s = time.perf_counter() - t0
     cfg = recipe_config(args.learner, **base)
-    whole = cfg.input == "whole_image"
-    if whole and not args.image_roots:
-        raise SystemExit("the whole-image row needs --image-roots (each pack's image folder)")
-    roots = {"image_roots": args.image_roots} if whole else {}
+    if cfg.input in FILE_INPUTS and not args.image_roots:
+        raise SystemExit(f"the {cfg.input} row needs --image-roots (each pack's image folder)")
+    roots = {"image_roots": args.image_roots} if cfg.input in FILE_INPUTS else {}
     result = train(args.packs, out / "run", cfg, device=args.device, progress=False, limit=args.limit, **roots)
     train_s = extra_s + result["history"][-1]["elapsed_s"]
 
@@ -134,14 +144,16 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
                          args.test_limit // 4, fold)
     model, config = load_learner(out / "run" / "bundle")
     normalization = Normalization(**config["normalization"])
-    if whole:
-        films = load_whole_image_set(test + external, {str(p): r for p, r in zip(args.packs, args.image_roots)},
-                                     cfg.patch_size, progress=False)
+    films = load_learner_inputs(test + external, cfg.input, cfg.patch_size, film_size=cfg.film_size,
+                                equalize=cfg.equalize, progress=False,
+                                image_roots=dict(zip(map(str, args.packs), args.image_roots or [])))
+    if cfg.input in WHOLE_INPUTS:
         probs = predict_whole_images(model, films.images, normalization, resolve_device(args.device)).numpy()
     else:
         engine = PatchEngine({cfg.learner: model}, k=args.k, normalization=normalization, device=args.device,
                              seed=args.seed)
-        probs = predict_probs(engine, test + external, progress=False).numpy()[:, 0]
+        probs = torch.cat([engine.predict(films.images[i:i + 32], films.masks[i:i + 32]).probs[:, 0]
+                           for i in range(0, len(films), 32)]).numpy()
     probs, external_probs = probs[:len(test)], probs[len(test):]
     entry = score(test, probs, external_probs)
     adult_other = [i for i, r in enumerate(test) if r["label"] != "covid" and r["source"] in ("nih", "cohen")]
@@ -216,7 +228,7 @@ def main(argv=None) -> None:
     p.add_argument("--packs", nargs="+", required=True, type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--image-roots", nargs="+", type=Path, default=None,
-                   help="each pack's image folder (for the whole-image row)")
+                   help="each pack's image folder (for the whole-image and unmasked-patch rows)")
     p.add_argument("--learner", default="efficientnet_lite0")
     p.add_argument("--recipes", nargs="+", default=None, help="a subset of the recipe names (default: all)")
     p.add_argument("--folds", type=int, nargs="+", default=None)

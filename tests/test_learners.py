@@ -255,3 +255,50 @@ def test_whole_image_baseline_trains_on_unmasked_films(packs, tmp_path):
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
     with pytest.raises(WeightsError, match="whole-image"):  # never mixed into a patch learner set
         load_learner_set(tmp_path / "wi")
+
+
+def test_learner_inputs_isolate_the_mask_the_patches_the_scale_and_the_grey_levels(packs):
+    from patchflannel.learners.data import load_learner_inputs, load_masked_set, read_rows
+
+    rows = [r for r in read_rows(packs) if r["source"] == "cohen"][:3]
+    roots = {str(p): p.with_suffix("") for p in packs}
+    lungs = load_masked_set(rows, progress=False)
+    inside = lungs.masks
+    # Unmasked patches: the very film Stage 1 masked, so identical in the lung, not blank outside.
+    unmasked = load_learner_inputs(rows, "patches_unmasked", image_roots=roots, progress=False)
+    assert torch.equal(unmasked.masks, lungs.masks)
+    assert torch.equal(unmasked.images[inside], lungs.images[inside])
+    assert (unmasked.images[~inside] > 0).float().mean() > 0.5 and not lungs.images[~inside].any()
+    with pytest.raises(ValueError, match="image_roots"):
+        load_learner_inputs(rows, "patches_unmasked", progress=False)
+    # Whole masked film and lung box: one PATCH-sized picture each; the box is mostly lung.
+    whole = load_learner_inputs(rows, "whole_masked", PATCH, progress=False)
+    box = load_learner_inputs(rows, "lung_box", PATCH, progress=False)
+    assert whole.images.shape == box.images.shape == (3, PATCH, PATCH)
+    assert box.masks.float().mean() > 1.3 * whole.masks.float().mean()
+    assert not whole.images[~whole.masks].any()
+    # Patch scale: films at half size keep their lung fraction.
+    side = lungs.images.shape[-1] // 2
+    half = load_learner_inputs(rows, film_size=side, progress=False)
+    assert half.images.shape == (3, side, side)
+    assert half.masks.float().mean().item() == pytest.approx(lungs.masks.float().mean().item(), abs=0.01)
+    # Equalisation spreads each film's lung grey levels over the full range, zero outside.
+    flat = load_learner_inputs(rows, equalize=True, progress=False)
+    for image, mask in zip(flat.images, flat.masks):
+        lung = image[mask].float()
+        assert lung.max().item() == 255 and lung.median().item() == pytest.approx(128, abs=12)
+        assert not image[~mask].any()
+    with pytest.raises(ValueError, match="input must be one of"):
+        load_learner_inputs(rows, "crops", progress=False)
+
+
+def test_a_learner_set_refuses_ablation_bundles(tmp_path):
+    model = create_learner("mobilenet_v3_small", len(CLASSES))
+    from patchflannel.learners.registry import Normalization
+
+    for name, extra in (("scaled", {"input": "patches", "film_size": 512}), ("flat", {"equalize": True}),
+                        ("unmasked", {"input": "patches_unmasked"})):
+        save_learner(tmp_path / name, model, name="mobilenet_v3_small", patch_size=PATCH,
+                     normalization=Normalization(), classes=CLASSES, extra=extra)
+        with pytest.raises(WeightsError, match="ablation"):
+            load_learner_set(tmp_path / name)

@@ -21,23 +21,27 @@ def recipes():
 
 @pytest.mark.slow
 def test_two_recipes_on_one_fold_in_two_shards(recipes, packs, tmp_path):
-    chosen = [recipes.BASELINE, "style-balanced sampler (class, then source)"]
+    chosen = [recipes.BASELINE, "style-balanced sampler (class, then source)",
+              "unmasked patches (lung centres, no mask)", "lung box (masked film cropped to the lungs)"]
     argv = ["--packs", *map(str, packs), "--out", str(tmp_path), "--learner", "resnet18", "--patch-size", "96",
-            "--n-folds", "3",
+            "--image-roots", *(str(p.with_suffix("")) for p in packs), "--n-folds", "3",
             "--folds", "0", "--limit", "8", "--epochs", "1", "--test-limit", "6", "--k", "2", "--recipes", *chosen]
     for shard in ("0/2", "1/2"):
         recipes.main([*argv, "--shard", shard])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["recipes"]) == chosen
-    base, styled = (summary["recipes"][r] for r in chosen)
+    base, styled = (summary["recipes"][r] for r in chosen[:2])
     assert base["folds"] == styled["folds"] == [0]
     job = json.loads((tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").read_text())
     assert job["config"]["balance"] == "source" and job["n_test"] == 6
     assert styled["delta_vs_baseline_mean"] == pytest.approx(
         job["macro_f1"] - json.loads((tmp_path / recipes.slug(chosen[0]) / "fold0" / "result.json").read_text())[
             "macro_f1"])
+    for recipe, input in zip(chosen[2:], ("patches_unmasked", "lung_box")):
+        job = json.loads((tmp_path / recipes.slug(recipe) / "fold0" / "result.json").read_text())
+        assert job["config"]["input"] == input and 0 <= job["macro_f1"] <= 1 and job["n_test"] == 6
     table = (tmp_path / "summary.md").read_text()
-    assert table.count("\n") == 2 + 2 and "style-balanced" in table
+    assert table.count("\n") == 2 + 4 and "style-balanced" in table and "lung box" in table
     mtime = (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime
     recipes.main(argv)  # finished jobs are not rerun
     assert (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime == mtime

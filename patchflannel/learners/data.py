@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -79,6 +80,92 @@ def load_whole_image_set(rows: Sequence[dict], image_roots: dict[str, str | os.P
         images.append(torch.from_numpy(np.round(box.apply(grey) * 255).astype(np.uint8)))
         masks.append(torch.from_numpy(box.place(np.ones(box.content_shape, dtype=bool))))
     return _as_set(rows, images, masks, classes)
+
+
+#: What a learner sees (``LearnerTrainConfig.input``), built by :func:`load_learner_inputs`.
+LEARNER_INPUTS: dict[str, str] = {
+    "patches": "lung-centred patches of the lung-masked film (the method; the only input a Pipeline runs)",
+    "patches_unmasked": "lung-centred patches of the unmasked film (ablation: what the mask does)",
+    "whole_image": "the whole unmasked film letterboxed to the patch size (the baseline)",
+    "whole_masked": "the whole lung-masked film resized to the patch size (ablation: what patches do)",
+    "lung_box": "the lung-masked film cropped to the lungs' bounding box, letterboxed to the patch size",
+}
+#: Inputs a model sees in one piece (no patches), and inputs decoded from the original files.
+WHOLE_INPUTS = ("whole_image", "whole_masked", "lung_box")
+FILE_INPUTS = ("whole_image", "patches_unmasked")
+
+
+def load_learner_inputs(rows: Sequence[dict], input: str = "patches", size: int = 224, *,
+                        image_roots: dict[str, str | os.PathLike] | None = None, film_size: int | None = None,
+                        equalize: bool = False, classes: Sequence[str] = CLASSES,
+                        progress: bool = True) -> MaskedSet:
+    """The films of ``rows`` as the learner of ``input`` (a key of :data:`LEARNER_INPUTS`) sees
+    them: working-size films and lung masks for patch inputs, ``size x size`` films for
+    :data:`WHOLE_INPUTS`.
+
+    ``image_roots`` (pack -> folder of its manifest's relative paths) is needed for
+    :data:`FILE_INPUTS`. ``film_size`` resizes the films of patch inputs first, so that a
+    patch covers ``working size / film_size`` times the field (patch scale). ``equalize``
+    maps each film's intensities through the histogram of its lung pixels (of the whole film
+    for ``whole_image``), a per-film equalisation that removes much of a device's grey-level
+    signature.
+    """
+    if input not in LEARNER_INPUTS:
+        raise ValueError(f"input must be one of {list(LEARNER_INPUTS)}, not {input!r}")
+    if input in FILE_INPUTS and image_roots is None:
+        raise ValueError(f"input {input!r} decodes the original films: pass image_roots (each pack's image folder)")
+    if input == "whole_image":
+        films = load_whole_image_set(rows, image_roots, size, classes, progress)
+        if equalize:
+            films.images = torch.stack([torch.from_numpy(equalize_lung(im.numpy(), m.numpy()))
+                                        for im, m in zip(films.images, films.masks)])
+        return films
+    lungs = load_masked_set(rows, classes, progress)
+    images, masks = [], []
+    for row, image, mask in zip(rows, lungs.images.numpy(), lungs.masks.numpy()):
+        if input == "patches_unmasked":
+            grey = load_image(Path(image_roots[row["pack"]]) / row["input"])
+            image = Letterbox(grey.shape, mask.shape[0]).apply(np.round(grey * 255).astype(np.uint8))
+        if equalize:
+            image = equalize_lung(image, mask, keep_outside=input == "patches_unmasked")
+        if input == "whole_masked":
+            image, mask = _resized(image, mask, size)
+        elif input == "lung_box":
+            image, mask = _lung_box(image, mask, size)
+        elif film_size:
+            image, mask = _resized(image, mask, film_size)
+        if input != "patches_unmasked":  # resampling smears lung pixels across the resized mask's edge
+            image = np.where(mask, image, 0).astype(np.uint8)
+        images.append(torch.from_numpy(np.ascontiguousarray(image)))
+        masks.append(torch.from_numpy(np.ascontiguousarray(mask)))
+    return _as_set(rows, images, masks, classes)
+
+
+def equalize_lung(image: np.ndarray, mask: np.ndarray, *, keep_outside: bool = False) -> np.ndarray:
+    """``image`` (uint8) through the cumulative histogram of its ``mask`` pixels; zero outside
+    the mask unless ``keep_outside`` (then the same mapping applies there too)."""
+    lung = image[mask]
+    if lung.size == 0:
+        return image.copy()
+    cdf = np.cumsum(np.bincount(lung, minlength=256)) / lung.size
+    lut = np.round(cdf * 255).astype(np.uint8)
+    return lut[image] if keep_outside else np.where(mask, lut[image], 0).astype(np.uint8)
+
+
+def _resized(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    box = Letterbox(image.shape, size)
+    return box.apply(image), box.apply(mask.astype(np.uint8), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _lung_box(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bounding box of the lungs (plus 2 % of the film each side), letterboxed to ``size``."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return _resized(image, mask, size)
+    pad = round(0.02 * max(image.shape))
+    y0, y1 = max(ys.min() - pad, 0), min(ys.max() + 1 + pad, image.shape[0])
+    x0, x1 = max(xs.min() - pad, 0), min(xs.max() + 1 + pad, image.shape[1])
+    return _resized(image[y0:y1, x0:x1], mask[y0:y1, x0:x1], size)
 
 
 def _as_set(rows: Sequence[dict], images: list, masks: list, classes: Sequence[str]) -> MaskedSet:

@@ -17,7 +17,10 @@ command resumes exactly.
 
 ``--input whole_image`` trains the same backbone on the whole, unmasked film letterboxed
 to ``--patch-size`` pixels (a baseline; ``--image-roots`` gives each pack's image folder),
-with the same augmentation, optimiser and model selection.
+with the same augmentation, optimiser and model selection. The other inputs of
+:data:`~patchflannel.learners.data.LEARNER_INPUTS` (unmasked patches, the whole masked film,
+the lung box), ``--film-size`` (patch scale) and ``--equalize`` are ablations of what the
+method's input does; a Pipeline runs only ``patches`` learners at the working size.
 
 Patients are split train/val/test by ``patient_id`` only (stratified by source and
 label; ``split.csv``), or ``--split`` reuses a split. Labels outside the four classes
@@ -58,7 +61,7 @@ from ..training import (
     save_training_state,
 )
 from .bundle import save_learner
-from .data import MaskedSet, load_masked_set, load_whole_image_set, read_rows
+from .data import FILE_INPUTS, LEARNER_INPUTS, WHOLE_INPUTS, MaskedSet, load_learner_inputs, read_rows
 from .engine import PatchEngine
 from .registry import CLASSES, Normalization, create_learner
 
@@ -70,7 +73,9 @@ class LearnerTrainConfig:
     """Everything that defines a patch-learner training run (saved in the checkpoint and bundle)."""
 
     learner: str = "efficientnet_lite0"
-    input: str = "patches"  # "patches" (lung patches of masked films) or "whole_image" (baseline)
+    input: str = "patches"  # a key of LEARNER_INPUTS: "patches" (the method), "whole_image" (baseline), ablations
+    film_size: int | None = None  # patch inputs: resize the working-size films to this first (patch scale)
+    equalize: bool = False  # per-film histogram equalisation of the lung pixels
     task: str = "classify"  # "classify" (the four classes) or "rotation" (label-free pretraining)
     weights: str | None = None  # None, "imagenet" (installed package) or a local file
     freeze_fraction: float = 0.0  # first fraction of parameter tensors kept frozen (pretrained starts only)
@@ -147,8 +152,8 @@ def draw_inputs(data: MaskedSet, indices: torch.Tensor, cfg: LearnerTrainConfig,
                 generator: torch.Generator) -> torch.Tensor:
     """A training batch in [0, 1] augmented with ``augmentation`` (``cfg.augment``, parsed once per
     run): ``patches_per_image`` lung patches per image, or the whole images for
-    ``cfg.input == "whole_image"``."""
-    if cfg.input == "whole_image":
+    ``cfg.input`` in :data:`WHOLE_INPUTS`."""
+    if cfg.input in WHOLE_INPUTS:
         return augmentation(data.images[indices][:, None].float() / 255.0, generator, max_translate=0.05)
     x = draw_patches(data, indices, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
     return augmentation(x, generator, keep_zero=True)  # intensity changes inside the lung only
@@ -174,7 +179,7 @@ def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, d
     predictions of ``k`` seeded patches per image, each turned by a seeded multiple of 90 degrees."""
     if cfg.task == "rotation":
         return _evaluate_rotation(model, data, cfg, device, k)
-    if cfg.input == "whole_image":
+    if cfg.input in WHOLE_INPUTS:
         pred = predict_whole_images(model, data.images, cfg.normalization, device).argmax(-1).numpy()
         return classification_report(data.labels, pred)
     engine = PatchEngine({cfg.learner: model}, k=k, patch_size=cfg.patch_size, normalization=cfg.normalization,
@@ -213,12 +218,13 @@ class _Run:
 def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress: bool, limit: int | None,
              image_roots) -> _Run:
     """Split, read the films, build the (partly frozen) model and the loss."""
-    if cfg.input not in ("patches", "whole_image"):
-        raise ValueError(f"input must be 'patches' or 'whole_image', not {cfg.input!r}")
+    if cfg.input not in LEARNER_INPUTS:
+        raise ValueError(f"input must be one of {list(LEARNER_INPUTS)}, not {cfg.input!r}")
     if cfg.task not in ("classify", "rotation"):
         raise ValueError(f"task must be 'classify' or 'rotation', not {cfg.task!r}")
-    if cfg.input == "whole_image" and (image_roots is None or len(image_roots) != len(packs)):
-        raise ValueError("whole-image training needs one image folder per pack (image_roots)")
+    if cfg.input in FILE_INPUTS and (image_roots is None or len(image_roots) != len(packs)):
+        raise ValueError(f"input {cfg.input!r} decodes the original films: it needs one image folder per pack "
+                         "(image_roots)")
     out_dir.mkdir(parents=True, exist_ok=True)
     place, device = setup(resolve_device(device))  # one process, or this rank of a torchrun job
     progress = progress and place.main
@@ -234,13 +240,10 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
         rng = np.random.default_rng(cfg.seed)
         train_idx = sorted(rng.choice(train_idx, min(limit, len(train_idx)), replace=False).tolist())
         val_idx = sorted(rng.choice(val_idx, min(max(limit // 4, 8), len(val_idx)), replace=False).tolist())
-    if cfg.input == "whole_image":
-        roots = {str(p): r for p, r in zip(packs, image_roots)}
-        train_set = load_whole_image_set([rows[i] for i in train_idx], roots, cfg.patch_size, progress=progress)
-        val_set = load_whole_image_set([rows[i] for i in val_idx], roots, cfg.patch_size, progress=progress)
-    else:
-        train_set = load_masked_set([rows[i] for i in train_idx], progress=progress)
-        val_set = load_masked_set([rows[i] for i in val_idx], progress=progress)
+    roots = {str(p): r for p, r in zip(packs, image_roots)} if image_roots is not None else None
+    train_set, val_set = (load_learner_inputs([rows[i] for i in idx], cfg.input, cfg.patch_size, image_roots=roots,
+                                              film_size=cfg.film_size, equalize=cfg.equalize, progress=progress)
+                          for idx in (train_idx, val_idx))
     counts = np.bincount(train_set.labels[train_set.labels >= 0], minlength=len(CLASSES)).astype(float)
     log.info("train %d images %s, val %d images", len(train_set), counts.astype(int).tolist(), len(val_set))
 
@@ -253,7 +256,7 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    per_image = 1 if cfg.input == "whole_image" else cfg.patches_per_image
+    per_image = 1 if cfg.input in WHOLE_INPUTS else cfg.patches_per_image
     class_weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / len(CLASSES), dtype=torch.float32)
     sample_weight = None
     if cfg.task == "rotation":  # four rotations drawn uniformly: nothing to balance
@@ -340,7 +343,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
           image_roots: list[str | Path] | None = None, on_epoch=None) -> dict:
     """Train (or resume) one learner. Returns the history and the best validation macro-F1.
 
-    ``image_roots`` (one folder per pack, for ``cfg.input == "whole_image"``) is where each
+    ``image_roots`` (one folder per pack, for ``cfg.input`` in ``FILE_INPUTS``) is where each
     pack's relative ``input`` paths point. ``on_epoch(entry, checkpoint_path)``, if given, is
     called on rank 0 after each epoch's checkpoint is written (``entry``: that epoch's history
     record), e.g. to report to a hyper-parameter search. Resuming with a different ``lr``,
@@ -412,7 +415,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
                 save_learner(out_dir / "bundle", unwrap(model), name=cfg.learner, patch_size=cfg.patch_size,
                              normalization=cfg.normalization,
                              classes=ROTATION_CLASSES if cfg.task == "rotation" else CLASSES,
-                             extra={"input": cfg.input,
+                             extra={"input": cfg.input, "film_size": cfg.film_size, "equalize": cfg.equalize,
                                     "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
             save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
                                 best_epoch=best_epoch, history=json.dumps(history), config=json.dumps(record))
@@ -484,10 +487,15 @@ def main(argv=None) -> None:
     d = LearnerTrainConfig
     p.add_argument("--packs", nargs="+", required=True, help="Stage 1 HDF5 packs with label/patient_id/source columns")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, split, history, bundle/")
-    p.add_argument("--input", choices=("patches", "whole_image"), default=d.input,
-                   help="lung patches (the method) or whole unmasked films (a baseline)")
+    p.add_argument("--input", choices=list(LEARNER_INPUTS), default=d.input,
+                   help="; ".join(f"{k}: {v}" for k, v in LEARNER_INPUTS.items()))
     p.add_argument("--image-roots", nargs="+", default=None,
-                   help="with --input whole_image: the folder of each pack's manifest (its relative image paths)")
+                   help=f"with --input {' or '.join(FILE_INPUTS)}: the folder of each pack's manifest "
+                        "(its relative image paths)")
+    p.add_argument("--film-size", type=int, default=None,
+                   help="patch inputs: resize the films to this many pixels first (patch scale: a patch covers "
+                        "working size / film size times the field)")
+    p.add_argument("--equalize", action="store_true", help="per-film histogram equalisation of the lung pixels")
     p.add_argument("--learner", default=d.learner, help="backbone name (see patchflannel.learners.create_learner)")
     p.add_argument("--weights", default=None, help="'imagenet' (installed weights package) or a local weights file")
     p.add_argument("--freeze-fraction", type=float, default=d.freeze_fraction,
@@ -530,7 +538,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = LearnerTrainConfig(learner=args.learner, input=args.input, weights=args.weights, freeze_fraction=args.freeze_fraction,
+    cfg = LearnerTrainConfig(learner=args.learner, input=args.input, film_size=args.film_size,
+                             equalize=args.equalize, weights=args.weights, freeze_fraction=args.freeze_fraction,
                              epochs=args.epochs, batch_size=args.batch_size, patches_per_image=args.patches_per_image,
                              optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                              momentum=args.momentum, schedule=args.schedule, step_size=args.step_size,
