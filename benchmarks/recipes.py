@@ -48,7 +48,12 @@ from cross_validation import fold_assignment, fold_roles, subsample
 
 from patchflannel.cv import write_split
 from patchflannel.learners.bundle import load_learner
-from patchflannel.learners.data import FILE_INPUTS, WHOLE_INPUTS, load_learner_inputs, read_rows
+from patchflannel.learners.data import (
+    FILE_INPUTS,
+    WHOLE_INPUTS,
+    load_learner_inputs,
+    read_rows,
+)
 from patchflannel.learners.engine import PatchEngine
 from patchflannel.learners.evaluate import score
 from patchflannel.learners.registry import CLASSES, Normalization

@@ -258,7 +258,11 @@ def test_whole_image_baseline_trains_on_unmasked_films(packs, tmp_path):
 
 
 def test_learner_inputs_isolate_the_mask_the_patches_the_scale_and_the_grey_levels(packs):
-    from patchflannel.learners.data import load_learner_inputs, load_masked_set, read_rows
+    from patchflannel.learners.data import (
+        load_learner_inputs,
+        load_masked_set,
+        read_rows,
+    )
 
     rows = [r for r in read_rows(packs) if r["source"] == "cohen"][:3]
     roots = {str(p): p.with_suffix("") for p in packs}

@@ -61,7 +61,14 @@ from ..training import (
     save_training_state,
 )
 from .bundle import save_learner
-from .data import FILE_INPUTS, LEARNER_INPUTS, WHOLE_INPUTS, MaskedSet, load_learner_inputs, read_rows
+from .data import (
+    FILE_INPUTS,
+    LEARNER_INPUTS,
+    WHOLE_INPUTS,
+    MaskedSet,
+    load_learner_inputs,
+    read_rows,
+)
 from .engine import PatchEngine
 from .registry import CLASSES, Normalization, create_learner
 
