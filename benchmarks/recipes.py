@@ -55,7 +55,7 @@ from patchflannel.learners.data import (
     read_rows,
 )
 from patchflannel.learners.engine import PatchEngine
-from patchflannel.learners.evaluate import score
+from patchflannel.learners.evaluate import COHEN, covid_auc, score
 from patchflannel.learners.registry import CLASSES, Normalization
 from patchflannel.learners.train import (
     find_lr,
@@ -105,12 +105,39 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def predict_films(model, cfg, normalization: Normalization, films: list[dict], args) -> np.ndarray:
+    """``(N, C)`` softmax of one trained recipe for ``films`` (rows), on the input it was trained on."""
+    data = load_learner_inputs(films, cfg.input, cfg.patch_size, film_size=cfg.film_size, equalize=cfg.equalize,
+                               progress=False, image_roots=dict(zip(map(str, args.packs), args.image_roots or [])))
+    if cfg.input in WHOLE_INPUTS:
+        return predict_whole_images(model, data.images, normalization, resolve_device(args.device)).numpy()
+    engine = PatchEngine({cfg.learner: model}, k=args.k, normalization=normalization, device=args.device,
+                         seed=args.seed)
+    return torch.cat([engine.predict(data.images[i:i + 32], data.masks[i:i + 32]).probs[:, 0]
+                      for i in range(0, len(data), 32)]).numpy()
+
+
+def cohen_scores(run_dir: Path, rows: list[dict], roles: dict, args) -> dict:
+    """Labels and softmax of every Cohen test-fold film (adults of one collection), pooled over
+    folds by :func:`collect` into the covid-vs-rest AUC that image style cannot answer."""
+    films = [r for r in rows if roles[r["patient_id"]] == "test" and r["source"] == COHEN and r["label"] in CLASSES]
+    model, config = load_learner(run_dir / "bundle")
+    cfg = recipe_config(config["learner"], **{k: v for k, v in config["training"].items()
+                                              if k in ("input", "film_size", "equalize", "patch_size")})
+    probs = predict_films(model, cfg, Normalization(**config["normalization"]), films, args)
+    return {"labels": [CLASSES.index(r["label"]) for r in films], "probs": np.round(probs, 5).tolist()}
+
+
 def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict:
     """Train one recipe on one fold's training patients and score it on its test patients."""
     out = args.out / slug(recipe) / f"fold{fold}"
-    if (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())
     roles = fold_roles(fold, rows, folds, SimpleNamespace(out=args.out, n_folds=args.n_folds, train_without=[]))
+    if (out / "result.json").exists():
+        report = json.loads((out / "result.json").read_text())
+        if "cohen" not in report:  # a result from before the pooled Cohen check: predict those films only
+            report["cohen"] = cohen_scores(out / "run", rows, roles, args)
+            (out / "result.json").write_text(json.dumps(report, indent=1, default=str))
+        return report
     split = str(args.out / f"fold{fold}" / "split.csv")
     overrides = dict(ABLATION[recipe])
     pretrain, search_lr = overrides.pop("pretrain", False), overrides.pop("find_lr", False)
@@ -148,17 +175,7 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
     external = subsample([r for r in rows if roles[r["patient_id"]] == "test" and r["label"] not in CLASSES],
                          args.test_limit // 4, fold)
     model, config = load_learner(out / "run" / "bundle")
-    normalization = Normalization(**config["normalization"])
-    films = load_learner_inputs(test + external, cfg.input, cfg.patch_size, film_size=cfg.film_size,
-                                equalize=cfg.equalize, progress=False,
-                                image_roots=dict(zip(map(str, args.packs), args.image_roots or [])))
-    if cfg.input in WHOLE_INPUTS:
-        probs = predict_whole_images(model, films.images, normalization, resolve_device(args.device)).numpy()
-    else:
-        engine = PatchEngine({cfg.learner: model}, k=args.k, normalization=normalization, device=args.device,
-                             seed=args.seed)
-        probs = torch.cat([engine.predict(films.images[i:i + 32], films.masks[i:i + 32]).probs[:, 0]
-                           for i in range(0, len(films), 32)]).numpy()
+    probs = predict_films(model, cfg, Normalization(**config["normalization"]), test + external, args)
     probs, external_probs = probs[:len(test)], probs[len(test):]
     entry = score(test, probs, external_probs)
     adult_other = [i for i, r in enumerate(test) if r["label"] != "covid" and r["source"] in ("nih", "cohen")]
@@ -170,7 +187,8 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
               "n_adult_noncovid": len(adult_other),
               "other_pneumonia_called_covid": (entry["external_other_pneumonia_called"] or {}).get("covid"),
               "n_other_pneumonia": len(external), "n_test": len(test), "train_s": round(train_s, 1),
-              "best_epoch": result["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1)}
+              "best_epoch": result["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1),
+              "cohen": cohen_scores(out / "run", rows, roles, args)}
     (out / "result.json").write_text(json.dumps(report, indent=1, default=str))
     log.info("%s fold %d: macro-F1 %.3f, %.0f s", recipe, fold, report["macro_f1"], train_s)
     return report
@@ -198,6 +216,9 @@ def collect(args) -> dict:
         other = [r["other_pneumonia_called_covid"] for r in done.values()
                  if r.get("other_pneumonia_called_covid") is not None]
         times = [r["train_s"] for r in done.values()]
+        cohen_labels = np.concatenate([r["cohen"]["labels"] for r in done.values() if "cohen" in r] or [[]])
+        cohen_probs = np.concatenate([r["cohen"]["probs"] for r in done.values() if "cohen" in r] or [np.empty((0, 4))])
+        cohen_noncovid = cohen_labels != CLASSES.index("covid")
         base_times = [base[f]["train_s"] for f in done if f in base]
         summary["recipes"][recipe] = {
             "folds": sorted(done), "macro_f1_mean": float(np.mean(f1)), "macro_f1_std": float(np.std(f1)),
@@ -206,6 +227,11 @@ def collect(args) -> dict:
             "f1_mean": {c: float(np.mean([r["f1"][c] for r in done.values()])) for c in CLASSES},
             "adult_noncovid_called_covid": float(np.mean(called)) if called else None,
             "other_pneumonia_called_covid": float(np.mean(other)) if other else None,
+            "cohen_folds": sorted(f for f, r in done.items() if "cohen" in r),
+            "cohen_n_covid": int((~cohen_noncovid).sum()), "cohen_n_noncovid": int(cohen_noncovid.sum()),
+            "cohen_covid_auc": covid_auc(cohen_labels.astype(int), cohen_probs) if len(cohen_labels) else None,
+            "cohen_noncovid_called_covid": (float((cohen_probs[cohen_noncovid].argmax(-1) == CLASSES.index("covid"))
+                                                  .mean()) if cohen_noncovid.any() else None),
             "train_s_median": statistics.median(times),
             "time_ratio_vs_baseline": (statistics.median(times) / statistics.median(base_times)) if base_times else None,
         }
@@ -215,16 +241,19 @@ def collect(args) -> dict:
 
 def markdown(summary: dict) -> str:
     lines = [("| recipe | folds | macro-F1 (mean ± std) | Δ vs baseline (paired, mean ± std) | adult non-COVID called covid "
-              "| adult other pneumonia called covid | train time (median s) | time ratio |"),
-             "|---|---|---|---|---|---|---|---|"]
+              "| adult other pneumonia called covid | Cohen covid-vs-rest AUC (pooled) | Cohen non-COVID called covid "
+              "(pooled) | train time (median s) | time ratio |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for recipe, r in summary["recipes"].items():
         delta = "—" if recipe == BASELINE or r["delta_vs_baseline_mean"] is None else \
             f"{r['delta_vs_baseline_mean']:+.3f} ± {r['delta_vs_baseline_std']:.3f}"
         called = "—" if r["adult_noncovid_called_covid"] is None else f"{r['adult_noncovid_called_covid']:.2f}"
         other = "—" if r["other_pneumonia_called_covid"] is None else f"{r['other_pneumonia_called_covid']:.2f}"
         ratio = "—" if r["time_ratio_vs_baseline"] is None else f"{r['time_ratio_vs_baseline']:.2f}"
+        auc = "—" if r["cohen_covid_auc"] is None else f"{r['cohen_covid_auc']:.2f}"
+        cohen = "—" if r["cohen_noncovid_called_covid"] is None else f"{r['cohen_noncovid_called_covid']:.2f}"
         lines.append(f"| {recipe} | {len(r['folds'])} | {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} | {delta} "
-                     f"| {called} | {other} | {r['train_s_median']:.0f} | {ratio} |")
+                     f"| {called} | {other} | {auc} | {cohen} | {r['train_s_median']:.0f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -38,10 +39,22 @@ def test_two_recipes_on_one_fold_in_two_shards(recipes, packs, tmp_path):
         job["macro_f1"] - json.loads((tmp_path / recipes.slug(chosen[0]) / "fold0" / "result.json").read_text())[
             "macro_f1"])
     for recipe, input in zip(chosen[2:], ("patches_unmasked", "lung_box")):
-        job = json.loads((tmp_path / recipes.slug(recipe) / "fold0" / "result.json").read_text())
-        assert job["config"]["input"] == input and 0 <= job["macro_f1"] <= 1 and job["n_test"] == 6
+        ablation = json.loads((tmp_path / recipes.slug(recipe) / "fold0" / "result.json").read_text())
+        assert ablation["config"]["input"] == input and 0 <= ablation["macro_f1"] <= 1 and ablation["n_test"] == 6
     table = (tmp_path / "summary.md").read_text()
     assert table.count("\n") == 2 + 4 and "style-balanced" in table and "lung box" in table
-    mtime = (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime
+    # Every test-fold Cohen film is scored, for the AUC pooled over folds.
+    cohen = job["cohen"]
+    assert len(cohen["labels"]) == len(cohen["probs"]) > 0
+    assert np.allclose(np.sum(cohen["probs"], axis=1), 1, atol=1e-3)
+    assert summary["recipes"][chosen[1]]["cohen_n_covid"] + summary["recipes"][chosen[1]]["cohen_n_noncovid"] == \
+        len(cohen["labels"])
+    result = tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json"
+    bundle = tmp_path / recipes.slug(chosen[1]) / "fold0" / "run" / "bundle" / "model.safetensors"
+    mtime, bundle_mtime = result.stat().st_mtime, bundle.stat().st_mtime
     recipes.main(argv)  # finished jobs are not rerun
-    assert (tmp_path / recipes.slug(chosen[1]) / "fold0" / "result.json").stat().st_mtime == mtime
+    assert result.stat().st_mtime == mtime
+    # A result from before the Cohen check gets it from its saved model, without training again.
+    result.write_text(json.dumps({k: v for k, v in job.items() if k != "cohen"}))
+    recipes.main(argv)
+    assert json.loads(result.read_text())["cohen"] == cohen and bundle.stat().st_mtime == bundle_mtime
