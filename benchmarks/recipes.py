@@ -15,8 +15,10 @@ patches do), patches of the film at half size (patch scale) and per-film histogr
 equalisation of the lung (grey-level style). Reported per recipe: macro-F1 mean and std over folds, the paired
 per-fold difference to the baseline, the fraction of adult non-COVID test films (NIH normals
 and Cohen's bacterial/viral/normal films) called covid, the same for the test patients'
-adult ``other_pneumonia`` films (a label no model trains on), and the training wall time (median
-over folds, and its ratio to the baseline's).
+adult ``other_pneumonia`` films (a label no model trains on), the covid-vs-rest ROC-AUC and the
+non-COVID films called covid among every Cohen film of the test folds (pooled over folds:
+adults of one collection, where image style cannot tell the classes apart), and the training
+wall time (median over folds, and its ratio to the baseline's).
 
 The budget is reduced so that all recipes x five folds fit in about an hour on two CPU cores:
 ``--limit`` training images per fold (seeded subsample; validation a quarter of that),
