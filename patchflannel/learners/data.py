@@ -121,6 +121,8 @@ def load_learner_inputs(rows: Sequence[dict], input: str = "patches", size: int 
                                         for im, m in zip(films.images, films.masks)])
         return films
     lungs = load_masked_set(rows, classes, progress)
+    if input == "patches" and not film_size and not equalize:  # the packs hold exactly this
+        return lungs
     images, masks = [], []
     for row, image, mask in zip(rows, lungs.images.numpy(), lungs.masks.numpy()):
         if input == "patches_unmasked":
