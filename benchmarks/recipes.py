@@ -42,7 +42,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import emit
@@ -52,16 +51,14 @@ from patchflannel.cv import write_split
 from patchflannel.learners.bundle import load_learner
 from patchflannel.learners.data import (
     FILE_INPUTS,
-    WHOLE_INPUTS,
     load_learner_inputs,
     read_rows,
 )
-from patchflannel.learners.engine import PatchEngine
 from patchflannel.learners.evaluate import COHEN, covid_auc, score
 from patchflannel.learners.registry import CLASSES, Normalization
 from patchflannel.learners.train import (
     find_lr,
-    predict_whole_images,
+    predict_inputs,
     recipe_config,
     train,
 )
@@ -107,16 +104,11 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def predict_films(model, cfg, normalization: Normalization, films: list[dict], args) -> np.ndarray:
+def predict_films(model, cfg, films: list[dict], args) -> np.ndarray:
     """``(N, C)`` softmax of one trained recipe for ``films`` (rows), on the input it was trained on."""
     data = load_learner_inputs(films, cfg.input, cfg.patch_size, film_size=cfg.film_size, equalize=cfg.equalize,
                                progress=False, image_roots=dict(zip(map(str, args.packs), args.image_roots or [])))
-    if cfg.input in WHOLE_INPUTS:
-        return predict_whole_images(model, data.images, normalization, resolve_device(args.device)).numpy()
-    engine = PatchEngine({cfg.learner: model}, k=args.k, normalization=normalization, device=args.device,
-                         seed=args.seed)
-    return torch.cat([engine.predict(data.images[i:i + 32], data.masks[i:i + 32]).probs[:, 0]
-                      for i in range(0, len(data), 32)]).numpy()
+    return predict_inputs(model, data, cfg, resolve_device(args.device), args.k, chunk=32).numpy()
 
 
 def cohen_scores(run_dir: Path, rows: list[dict], roles: dict, args) -> dict:
@@ -124,9 +116,10 @@ def cohen_scores(run_dir: Path, rows: list[dict], roles: dict, args) -> dict:
     folds by :func:`collect` into the covid-vs-rest AUC that image style cannot answer."""
     films = [r for r in rows if roles[r["patient_id"]] == "test" and r["source"] == COHEN and r["label"] in CLASSES]
     model, config = load_learner(run_dir / "bundle")
-    cfg = recipe_config(config["learner"], **{k: v for k, v in config["training"].items()
-                                              if k in ("input", "film_size", "equalize", "patch_size")})
-    probs = predict_films(model, cfg, Normalization(**config["normalization"]), films, args)
+    cfg = recipe_config(config["learner"], normalization=Normalization(**config["normalization"]), seed=args.seed,
+                        **{k: v for k, v in config["training"].items()
+                           if k in ("input", "film_size", "equalize", "patch_size")})
+    probs = predict_films(model, cfg, films, args)
     return {"labels": [CLASSES.index(r["label"]) for r in films], "probs": np.round(probs, 5).tolist()}
 
 
@@ -176,8 +169,8 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
     # the test patients' adult other_pneumonia films: no model trains on that label
     external = subsample([r for r in rows if roles[r["patient_id"]] == "test" and r["label"] not in CLASSES],
                          args.test_limit // 4, fold)
-    model, config = load_learner(out / "run" / "bundle")
-    probs = predict_films(model, cfg, Normalization(**config["normalization"]), test + external, args)
+    model, _ = load_learner(out / "run" / "bundle")
+    probs = predict_films(model, cfg, test + external, args)
     probs, external_probs = probs[:len(test)], probs[len(test):]
     entry = score(test, probs, external_probs)
     adult_other = [i for i, r in enumerate(test) if r["label"] != "covid" and r["source"] in ("nih", "cohen")]

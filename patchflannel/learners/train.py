@@ -180,24 +180,27 @@ def predict_whole_images(model: torch.nn.Module, images: torch.Tensor, normaliza
     return torch.cat(out)
 
 
+def predict_inputs(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, device, k: int,
+                   chunk: int = 16) -> torch.Tensor:
+    """Softmax ``(N, C)`` of a learner trained with ``cfg`` for ``data`` (from
+    :func:`~patchflannel.learners.data.load_learner_inputs` with ``cfg``'s input): the
+    whole-image softmax, or the mean over ``k`` seeded lung patches per film."""
+    if cfg.input in WHOLE_INPUTS:
+        return predict_whole_images(model, data.images, cfg.normalization, device)
+    engine = PatchEngine({cfg.learner: model}, k=k, patch_size=cfg.patch_size, normalization=cfg.normalization,
+                         device=device, amp=True, channels_last=cfg.channels_last, seed=cfg.seed,
+                         min_lung_pixels=cfg.min_lung_pixels)
+    return torch.cat([engine.predict(data.images[start:start + chunk], data.masks[start:start + chunk]).probs[:, 0]
+                      for start in range(0, len(data), chunk)])
+
+
 def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, device, k: int) -> dict:
     """Image-level report (mean softmax over ``k`` seeded patches, or the whole-image softmax)
     on the images with a class label; for the rotation task, the report of the rotation
     predictions of ``k`` seeded patches per image, each turned by a seeded multiple of 90 degrees."""
     if cfg.task == "rotation":
         return _evaluate_rotation(model, data, cfg, device, k)
-    if cfg.input in WHOLE_INPUTS:
-        pred = predict_whole_images(model, data.images, cfg.normalization, device).argmax(-1).numpy()
-        return classification_report(data.labels, pred)
-    engine = PatchEngine({cfg.learner: model}, k=k, patch_size=cfg.patch_size, normalization=cfg.normalization,
-                         device=device, amp=True, channels_last=cfg.channels_last, seed=cfg.seed,
-                         min_lung_pixels=cfg.min_lung_pixels)
-    probs = []
-    for start in range(0, len(data), 16):
-        out = engine.predict(data.images[start:start + 16], data.masks[start:start + 16])
-        probs.append(out.probs[:, 0])
-    pred = torch.cat(probs).argmax(-1).numpy()
-    return classification_report(data.labels, pred)
+    return classification_report(data.labels, predict_inputs(model, data, cfg, device, k).argmax(-1).numpy())
 
 
 def config_record(cfg: LearnerTrainConfig) -> dict:
