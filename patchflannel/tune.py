@@ -104,13 +104,20 @@ def _run_trial(sampled: dict, *, packs: list[str], base: LearnerTrainConfig, lim
         with handed.as_directory() as folder:
             shutil.copy(Path(folder) / "checkpoint.pt", out_dir / "checkpoint.pt")
 
+    reported = []
+
     def report(entry: dict, checkpoint_path: Path) -> None:
+        reported.append(entry["epoch"])
         with tempfile.TemporaryDirectory() as folder:
             shutil.copy(checkpoint_path, Path(folder) / "checkpoint.pt")
             tune.report({METRIC: entry["val_macro_f1"], "epoch": entry["epoch"], "train_loss": entry["train_loss"],
                          "lr": entry["lr"]}, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    train(packs, out_dir, cfg, device=device, progress=False, limit=limit, on_epoch=report)
+    result = train(packs, out_dir, cfg, device=device, progress=False, limit=limit, on_epoch=report)
+    # PBT can hand a trial a checkpoint that already ran every epoch: nothing is left to train,
+    # so report that checkpoint's last epoch, or the trial would end without a result.
+    if not reported and result["history"]:
+        report(result["history"][-1], out_dir / "checkpoint.pt")
 
 
 def run_search(packs: list[str | os.PathLike], out: str | os.PathLike, base: LearnerTrainConfig, *,

@@ -130,3 +130,38 @@ def test_resuming_with_a_new_learning_rate_applies_it_from_there_on(packs, tmp_p
     assert [h["lr"] for h in result["history"]] == pytest.approx([5e-4, 5e-4, 2.5e-4])
     group = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"][0]
     assert group["momentum"] == pytest.approx(0.8) and group["weight_decay"] == pytest.approx(0.01)
+
+
+def test_a_trial_handed_a_finished_checkpoint_still_reports(packs, tmp_path, monkeypatch):
+    """PBT may hand a trial another trial's checkpoint after its last epoch: nothing is left to
+    train, and the trial must still report that checkpoint's score (else it ends with none)."""
+    from types import SimpleNamespace
+
+    from patchflannel import tune as search
+
+    cfg = LearnerTrainConfig(**{**TINY, "epochs": 1})
+    train(packs, tmp_path / "donor", cfg, device="cpu", progress=False, limit=8)
+    donor = json.loads((tmp_path / "donor" / "history.json").read_text())
+    reports = []
+
+    class Checkpoint:
+        def __init__(self, folder):
+            self.folder = folder
+
+        @classmethod
+        def from_directory(cls, folder):
+            return cls(folder)
+
+        def as_directory(self):
+            from contextlib import nullcontext
+            return nullcontext(self.folder)
+
+    fake_tune = SimpleNamespace(
+        get_context=lambda: SimpleNamespace(get_trial_dir=lambda: str(tmp_path / "trial")),
+        get_checkpoint=lambda: Checkpoint(tmp_path / "donor"), Checkpoint=Checkpoint,
+        report=lambda metrics, checkpoint: reports.append(metrics))
+    monkeypatch.setattr(search, "_require_ray", lambda: (None, fake_tune))
+    sampled = {k: getattr(cfg, k) for k in search.SEARCHED}
+    search._run_trial(sampled, packs=[str(p) for p in packs], base=cfg, limit=8, device="cpu")
+    assert len(reports) == 1 and reports[0]["epoch"] == 1
+    assert reports[0][search.METRIC] == pytest.approx(donor[-1]["val_macro_f1"])
