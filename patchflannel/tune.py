@@ -114,8 +114,8 @@ def _run_trial(sampled: dict, *, packs: list[str], base: LearnerTrainConfig, lim
                          "lr": entry["lr"]}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     result = train(packs, out_dir, cfg, device=device, progress=False, limit=limit, on_epoch=report)
-    # PBT can hand a trial a checkpoint that already ran every epoch: nothing is left to train,
-    # so report that checkpoint's last epoch, or the trial would end without a result.
+    # A checkpoint handed over with every epoch run leaves nothing to train: report its last
+    # epoch, or the trial would end without a result (run_search's stop rule then ends it).
     if not reported and result["history"]:
         report(result["history"][-1], out_dir / "checkpoint.pt")
 
@@ -161,7 +161,9 @@ def run_search(packs: list[str | os.PathLike], out: str | os.PathLike, base: Lea
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=chosen, num_samples=samples,
                                     search_alg=BasicVariantGenerator(random_state=seed)),
-        run_config=tune.RunConfig(name=f"{scheduler}", storage_path=str(out / "ray"),
+        # Stopped at its last epoch by Tune itself, a trial is never exploited after it: PBT would hand
+        # it a checkpoint with nothing left to train.
+        run_config=tune.RunConfig(name=f"{scheduler}", storage_path=str(out / "ray"), stop={"epoch": base.epochs},
                                   # PBT clones other trials' checkpoints: keep them all there
                                   checkpoint_config=tune.CheckpointConfig(
                                       num_to_keep=None if scheduler == "pbt" else 1), verbose=0))
