@@ -111,14 +111,10 @@ def predict_films(model, cfg, films: list[dict], args) -> np.ndarray:
     return predict_inputs(model, data, cfg, resolve_device(args.device), args.k, chunk=32).numpy()
 
 
-def cohen_scores(run_dir: Path, rows: list[dict], roles: dict, args) -> dict:
+def cohen_scores(model, cfg, rows: list[dict], roles: dict, args) -> dict:
     """Labels and softmax of every Cohen test-fold film (adults of one collection), pooled over
     folds by :func:`collect` into the covid-vs-rest AUC that image style cannot answer."""
     films = [r for r in rows if roles[r["patient_id"]] == "test" and r["source"] == COHEN and r["label"] in CLASSES]
-    model, config = load_learner(run_dir / "bundle")
-    cfg = recipe_config(config["learner"], normalization=Normalization(**config["normalization"]), seed=args.seed,
-                        **{k: v for k, v in config["training"].items()
-                           if k in ("input", "film_size", "equalize", "patch_size")})
     probs = predict_films(model, cfg, films, args)
     return {"labels": [CLASSES.index(r["label"]) for r in films], "probs": np.round(probs, 5).tolist()}
 
@@ -126,13 +122,18 @@ def cohen_scores(run_dir: Path, rows: list[dict], roles: dict, args) -> dict:
 def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict:
     """Train one recipe on one fold's training patients and score it on its test patients."""
     out = args.out / slug(recipe) / f"fold{fold}"
+    done = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else None
+    if done is not None and "cohen" in done:
+        return done
     roles = fold_roles(fold, rows, folds, SimpleNamespace(out=args.out, n_folds=args.n_folds, train_without=[]))
-    if (out / "result.json").exists():
-        report = json.loads((out / "result.json").read_text())
-        if "cohen" not in report:  # a result from before the pooled Cohen check: predict those films only
-            report["cohen"] = cohen_scores(out / "run", rows, roles, args)
-            (out / "result.json").write_text(json.dumps(report, indent=1, default=str))
-        return report
+    if done is not None:  # a result from before the pooled Cohen check: predict those films only
+        model, config = load_learner(out / "run" / "bundle")
+        cfg = recipe_config(config["learner"], normalization=Normalization(**config["normalization"]), seed=args.seed,
+                            **{k: v for k, v in config["training"].items()
+                               if k in ("input", "film_size", "equalize", "patch_size")})
+        done["cohen"] = cohen_scores(model, cfg, rows, roles, args)
+        (out / "result.json").write_text(json.dumps(done, indent=1, default=str))
+        return done
     split = str(args.out / f"fold{fold}" / "split.csv")
     overrides = dict(ABLATION[recipe])
     pretrain, search_lr = overrides.pop("pretrain", False), overrides.pop("find_lr", False)
@@ -183,7 +184,7 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
               "other_pneumonia_called_covid": (entry["external_other_pneumonia_called"] or {}).get("covid"),
               "n_other_pneumonia": len(external), "n_test": len(test), "train_s": round(train_s, 1),
               "best_epoch": result["best_epoch"], "wall_s": round(time.perf_counter() - t0, 1),
-              "cohen": cohen_scores(out / "run", rows, roles, args)}
+              "cohen": cohen_scores(model, cfg, rows, roles, args)}
     (out / "result.json").write_text(json.dumps(report, indent=1, default=str))
     log.info("%s fold %d: macro-F1 %.3f, %.0f s", recipe, fold, report["macro_f1"], train_s)
     return report

@@ -54,15 +54,12 @@ def load_learner_set(folder: str | os.PathLike | None = None) -> tuple[dict[str,
         raise WeightsError(f"no learner bundles under {folder}: pass a folder of learner bundles "
                            "(each with config.json and model.safetensors), e.g. weights/learners-lite")
     loaded = [load_learner(p) for p in subfolders]
-    whole = [str(p) for p, (_, c) in zip(subfolders, loaded) if c.get("input", "patches") != "patches"]
-    if whole:
-        raise WeightsError(f"{whole} hold whole-image or ablation models, not patch learners of masked films; "
-                           "keep them out of a learner set")
-    # A Pipeline feeds the working-size masked film as it is: other film treatments would be silently skipped.
-    treated = [str(p) for p, (_, c) in zip(subfolders, loaded) if c.get("film_size") or c.get("equalize")]
-    if treated:
-        raise WeightsError(f"{treated} were trained on resized or equalised films (an ablation), which a learner "
-                           "set does not reproduce; keep them out of it")
+    # A Pipeline feeds the working-size masked film as it is: any other input would be silently wrong.
+    other = [str(p) for p, (_, c) in zip(subfolders, loaded)
+             if c.get("input", "patches") != "patches" or c.get("film_size") or c.get("equalize")]
+    if other:
+        raise WeightsError(f"{other} hold whole-image or ablation models (trained on other inputs than the "
+                           "working-size masked film), not patch learners; keep them out of a learner set")
     loaded.sort(key=lambda mc: _order(mc[1]["learner"]))
     shared_keys = ("classes", "patch_size", "normalization")
     shared = {k: loaded[0][1][k] for k in shared_keys}
