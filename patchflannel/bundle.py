@@ -1,15 +1,39 @@
 """Weights bundles: one folder with ``model.safetensors`` and ``config.json``.
 
 config.json describes how to rebuild the network and how to feed it (preprocessing,
-normalisation), and records the SHA-256 of the weights file, which is checked on load:
-a corrupt or swapped file is refused, never half-used. Weights load with safetensors
-only, so no pickled code can run.
+normalisation, thresholds, temperature...). It records two hashes:
+
+* ``weights_sha256``: the SHA-256 of ``model.safetensors``;
+* ``config_sha256``: the SHA-256 of the config itself (its canonical JSON, see
+  :func:`config_digest`, computed over every key but ``config_sha256``). It includes
+  ``weights_sha256``, so this one hash covers the whole bundle.
+
+Both are checked on load (:func:`read_bundle`): a corrupt, swapped or edited file is
+refused with a :class:`~patchflannel.errors.WeightsError` naming the file, never
+half-used. A bundle whose hashes are missing is refused too. After a deliberate edit,
+:func:`rehash_bundle` (or ``python -m patchflannel.bundle rehash FOLDER``) records the
+new hash. Loading an unverified or edited bundle anyway needs an explicit opt-in: the
+keyword ``verify=False`` of the loaders, or the environment variable
+``PATCHFLANNEL_UNVERIFIED_BUNDLES=1`` (for the command-line tools); both log a warning.
+The hashes guard against accidents (corruption, stray edits, half-copied folders), not
+against someone who can rewrite the folder: only load bundles from sources you trust.
+
+Weights load with safetensors only, so no pickled code can run. Nothing is downloaded:
+architecture names that could reach a model hub are refused before anything is built
+(see :func:`patchflannel.pretrained.check_timm_name`).
+
+Bundle paths: :func:`resolve_bundle` takes an existing path as it is, and otherwise
+finds ``weights/<name>`` or a bare ``<name>`` among the bundles shipped in the
+repository's ``weights/`` folder, so the shipped bundles can be named from any working
+directory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,8 +42,21 @@ from safetensors.torch import load_file, save_file
 from .errors import WeightsError
 from .training import atomic_write
 
+log = logging.getLogger(__name__)
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+PIPELINE_FILE = "pipeline.json"
+#: The repository's folder of shipped bundles.
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+#: Set to ``1`` to load bundles whose hashes are missing or do not match (with a warning).
+UNVERIFIED_ENV = "PATCHFLANNEL_UNVERIFIED_BUNDLES"
+HASH_KEYS = ("weights_sha256", "config_sha256")
+
+_RESTORE_HINT = "restore the bundle from the repository (or re-save it)"
+_REHASH_HINT = (f"{_RESTORE_HINT}; if you edited it on purpose, record "
+                "the new hashes with patchflannel.bundle.rehash_bundle(folder), or load it unverified with "
+                f"verify=False / {UNVERIFIED_ENV}=1")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -30,37 +67,182 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def canonical_json(config: dict) -> str:
+    """``config`` without ``config_sha256`` as canonical JSON (sorted keys, no whitespace)."""
+    return json.dumps({k: v for k, v in config.items() if k != "config_sha256"}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def config_digest(config: dict) -> str:
+    """The ``config_sha256`` of a config: SHA-256 of :func:`canonical_json`."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+def _with_hash(config: dict) -> dict:
+    """``config`` as it will read back from JSON, with its ``config_sha256`` (last)."""
+    plain = json.loads(json.dumps({k: v for k, v in config.items() if k != "config_sha256"}, default=list))
+    return {**plain, "config_sha256": config_digest(plain)}
+
+
+def verification_skipped(verify: bool = True) -> bool:
+    """Whether hashes are to be checked as warnings only: ``verify=False`` or ``$PATCHFLANNEL_UNVERIFIED_BUNDLES``."""
+    return not verify or os.environ.get(UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# --- paths ---------------------------------------------------------------------------------------------------
+
+
+def shipped_bundles() -> list[str]:
+    """Names of the bundles (and learner sets) in the repository's ``weights/`` folder."""
+    if not WEIGHTS.is_dir():
+        return []
+    return sorted(p.name for p in WEIGHTS.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def resolve_bundle(path: str | os.PathLike, what: str = "bundle") -> Path:
+    """The folder ``path`` names, wherever the program runs.
+
+    An existing path is used as it is. Otherwise a relative ``weights/<name>`` (also
+    ``../weights/<name>``...) or a bare ``<name>`` (``segmenter-unet-lite0``,
+    ``learners-lite/resnet18``) that names a bundle shipped in the repository's
+    ``weights/`` folder resolves there.
+
+    Raises:
+        WeightsError: neither; the message lists the shipped bundles.
+    """
+    p = Path(path)
+    if p.exists():
+        return p
+    if not p.is_absolute():
+        parts = list(p.parts)
+        lead = 0
+        while lead < len(parts) and parts[lead] in (".", ".."):
+            lead += 1
+        rest = parts[lead:]
+        if rest and rest[0] == "weights":
+            rest = rest[1:]
+        elif lead:
+            rest = []  # ../<name> is a path of the caller's, not a shipped name
+        if rest and ".." not in rest:
+            candidate = WEIGHTS.joinpath(*rest)
+            if candidate.exists():
+                return candidate
+    names = ", ".join(shipped_bundles()) or "none"
+    raise WeightsError(f"{what} not found at {p} (resolved from {Path.cwd()}): pass an existing folder, or the name "
+                       f"of a bundle shipped in {WEIGHTS} ({names})")
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
 def write_bundle(folder: str | os.PathLike, model: torch.nn.Module, config: dict, *,
                  dtype: torch.dtype = torch.float32) -> None:
-    """Write ``model``'s state (floating tensors as ``dtype``) and ``config`` plus the weights' hash."""
+    """Write ``model``'s state (floating tensors as ``dtype``) and ``config`` plus both hashes
+    (``weights_sha256``, ``config_sha256``; any in ``config`` are replaced)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
                for k, v in model.state_dict().items()}
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    config = {**config, "weights_dtype": str(dtype).removeprefix("torch."),
-              "weights_sha256": sha256_file(folder / WEIGHTS_FILE)}
-    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, default=list)))
+    config = {k: v for k, v in config.items() if k not in (*HASH_KEYS, "weights_dtype")}
+    config = _with_hash({**config, "weights_dtype": str(dtype).removeprefix("torch."),
+                         "weights_sha256": sha256_file(folder / WEIGHTS_FILE)})
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
-def read_bundle(folder: str | os.PathLike, what: str = "model") -> tuple[dict[str, torch.Tensor], dict]:
+# --- reading -------------------------------------------------------------------------------------------------
+
+
+def read_json(path: str | os.PathLike, what: str = "config") -> dict:
+    """A JSON object from ``path``; unreadable files, malformed JSON and non-objects raise
+    :class:`WeightsError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"cannot read {what} {path}: {exc}") from exc
+    try:
+        value = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, and absurd numbers
+        raise WeightsError(f"{path} is not valid JSON ({exc}); {_RESTORE_HINT}") from exc
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path} holds a JSON {type(value).__name__}, not an object; "
+                           f"{_RESTORE_HINT}")
+    return value
+
+
+def check_config_hash(config: dict, path: str | os.PathLike, *, verify: bool = True) -> None:
+    """Refuse (or, unverified, warn about) a config whose ``config_sha256`` is missing or wrong."""
+    expected = config.get("config_sha256")
+    if expected is None:
+        problem = f"{path} records no config_sha256, so nothing vouches for it"
+    elif expected != config_digest(config):
+        problem = f"{path} does not match the config_sha256 it records: it was edited or is corrupt"
+    else:
+        return
+    if not verification_skipped(verify):
+        raise WeightsError(f"{problem}; {_REHASH_HINT}")
+    log.warning("loading UNVERIFIED %s (verify=False or %s set): %s", path, UNVERIFIED_ENV, problem)
+
+
+def read_config(folder: str | os.PathLike, what: str = "model", *, verify: bool = True,
+                required: Iterable[str] = ()) -> dict:
+    """The checked config.json of a bundle (``config_sha256`` verified; the weights file's hash
+    is checked by :func:`read_bundle`)."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise WeightsError(f"{what} bundle {folder} lacks {CONFIG_FILE}; pass the folder that holds "
+                           f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+    config = read_json(config_path, f"{what} config")
+    check_config_hash(config, config_path, verify=verify)
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise WeightsError(f"{config_path} lacks {missing}: not a {what} bundle config")
+    return config
+
+
+def read_bundle(folder: str | os.PathLike, what: str = "model", *, verify: bool = True,
+                required: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], dict]:
     """The verified state dict (floating tensors as float32) and config of a bundle.
 
+    Args:
+        folder: the bundle folder (see :func:`resolve_bundle` for shipped names).
+        what: the kind of bundle, for messages.
+        verify: ``True`` (default) refuses a bundle whose ``config_sha256`` or
+            ``weights_sha256`` is missing or wrong. ``False`` (or the environment variable
+            ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads it anyway, logging a warning.
+        required: config keys the caller needs.
+
     Raises:
-        WeightsError: missing files, or a weights file that fails its recorded hash.
+        WeightsError: missing or unreadable files, malformed JSON, missing keys, failed or
+            missing hashes, a corrupt safetensors file; each naming the file.
     """
-    folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise WeightsError(f"{what} bundle {folder} lacks {path.name}; pass the folder that holds "
-                               f"{CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = json.loads(config_path.read_text())
+    folder = resolve_bundle(folder, f"{what} bundle")
+    weights_path = folder / WEIGHTS_FILE
+    config = read_config(folder, what, verify=verify, required=required)
+    config_path = folder / CONFIG_FILE
+    if not weights_path.is_file():
+        raise WeightsError(f"{what} bundle {folder} lacks {WEIGHTS_FILE}; pass the folder that holds "
+                           f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     expected = config.get("weights_sha256")
-    if expected and sha256_file(weights_path) != expected:
-        raise WeightsError(f"{weights_path} does not match the SHA-256 recorded in {config_path}: "
-                           "the file is corrupt or was replaced; restore it from the repository")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights_path).items()}
+    try:
+        actual = sha256_file(weights_path)
+    except OSError as exc:
+        raise WeightsError(f"cannot read {weights_path}: {exc}") from exc
+    if expected is None or actual != expected:
+        problem = (f"{config_path} records no weights_sha256 for {weights_path}" if expected is None else
+                   f"{weights_path} does not match the SHA-256 recorded in {config_path}: the file is corrupt "
+                   "or was replaced")
+        if not verification_skipped(verify):
+            raise WeightsError(f"{problem}; {_REHASH_HINT}")
+        log.warning("loading UNVERIFIED %s (verify=False or %s set): %s", weights_path, UNVERIFIED_ENV, problem)
+    try:
+        tensors = load_file(weights_path)
+    except Exception as exc:  # safetensors' SafetensorError (bad header), OSError, ...
+        raise WeightsError(f"{weights_path} is not a readable safetensors file ({exc}); "
+                           f"{_RESTORE_HINT}") from exc
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     return state, config
 
 
@@ -71,3 +253,153 @@ def load_state(model: torch.nn.Module, state: dict, source: str | os.PathLike) -
     except RuntimeError as exc:
         raise WeightsError(f"{source}: the weights do not fit the architecture in its config.json: {exc}") from exc
     return model
+
+
+def build_from_config(build, config_path: str | os.PathLike, what: str):
+    """``build()``, a refused or broken architecture reported as ``WeightsError`` naming ``config_path``."""
+    try:
+        return build()
+    except WeightsError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise WeightsError(f"{config_path}: cannot build the {what} it describes: {exc}") from exc
+
+
+# --- pipeline specs ------------------------------------------------------------------------------------------
+
+_PIPELINE_PARTS = ("segmenter", "learners", "ensemble")
+
+
+def _check_pipeline_spec(spec: dict, path: Path) -> None:
+    if spec.get("format", "patchflannel-pipeline") != "patchflannel-pipeline":
+        raise WeightsError(f"{path}: format {spec.get('format')!r} is not 'patchflannel-pipeline'")
+    for key in _PIPELINE_PARTS:
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, str) or not value or Path(value).is_absolute()):
+            raise WeightsError(f"{path}: {key!r} must be a folder relative to the pipeline folder or null, "
+                               f"not {value!r}")
+    k = spec.get("k", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise WeightsError(f"{path}: 'k' must be a positive integer, not {k!r}")
+    seed = spec.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise WeightsError(f"{path}: 'seed' must be an integer, not {seed!r}")
+
+
+def read_pipeline_spec(folder: str | os.PathLike, *, verify: bool = True) -> dict:
+    """The checked ``pipeline.json`` of a pipeline bundle folder (resolved with :func:`resolve_bundle`).
+
+    ``config_sha256`` is verified like a bundle config's (``verify=False`` or
+    ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1`` opt out, with a warning); the parts
+    (``segmenter``, ``learners``, ``ensemble``) must be relative folder names or null,
+    ``k`` a positive integer, ``seed`` an integer. The parts stay relative to the folder.
+
+    Raises:
+        WeightsError: no such folder or file, malformed JSON, a failed or missing hash, bad values.
+    """
+    folder = resolve_bundle(folder, "pipeline bundle")
+    path = folder / PIPELINE_FILE
+    if not path.is_file():
+        raise WeightsError(f"no {PIPELINE_FILE} in {folder}: pass a pipeline bundle folder (one written by "
+                           f"Pipeline.save_pretrained, or the repository's weights/pipeline-lite)")
+    spec = read_json(path, "pipeline spec")
+    check_config_hash(spec, path, verify=verify)
+    _check_pipeline_spec(spec, path)
+    return spec
+
+
+def write_pipeline_spec(folder: str | os.PathLike, spec: dict) -> None:
+    """Write ``spec`` as ``folder/pipeline.json`` with its ``config_sha256``, atomically."""
+    path = Path(folder) / PIPELINE_FILE
+    spec = _with_hash(spec)
+    _check_pipeline_spec(spec, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2) + "\n"))
+
+
+# --- re-hashing ----------------------------------------------------------------------------------------------
+
+
+def rehash_bundle(folder: str | os.PathLike, *, weights: bool = False) -> dict:
+    """Record the hashes of a bundle after a deliberate edit of its config.json (or of a
+    pipeline folder's pipeline.json); returns the new config.
+
+    The config keeps its key order and layout; ``config_sha256`` is recomputed. The weights
+    file must still match its recorded ``weights_sha256`` (the edit was the config's) unless
+    ``weights=True``, which records the current weights file's hash; a bundle that records
+    none gets it recorded.
+
+    Raises:
+        WeightsError: no config, malformed JSON, or weights that changed without ``weights=True``.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() and (folder / PIPELINE_FILE).is_file():
+        path = folder / PIPELINE_FILE
+        spec = read_json(path, "pipeline spec")
+        write_pipeline_spec(folder, spec)
+        return read_json(path)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise WeightsError(f"{folder} holds neither {CONFIG_FILE} nor {PIPELINE_FILE}")
+    config = read_json(path)
+    weights_path = folder / WEIGHTS_FILE
+    if weights_path.is_file():
+        actual = sha256_file(weights_path)
+        recorded = config.get("weights_sha256")
+        if recorded is not None and recorded != actual and not weights:
+            raise WeightsError(f"{weights_path} no longer matches the weights_sha256 in {path}; pass weights=True "
+                               "only if the new weights file is the one you mean")
+        if recorded is None or weights:
+            config["weights_sha256"] = actual
+    elif "weights_sha256" not in config:
+        raise WeightsError(f"{folder} lacks {WEIGHTS_FILE}: nothing to record a weights_sha256 for")
+    config = _with_hash(config)
+    trailing = "\n" if path.read_text(encoding="utf-8").endswith("\n") else ""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + trailing))
+    return config
+
+
+def bundle_folders(root: str | os.PathLike = WEIGHTS) -> list[Path]:
+    """Every bundle (folder with config.json) and pipeline folder (pipeline.json) under ``root``."""
+    root = Path(root)
+    found = {p.parent for name in (CONFIG_FILE, PIPELINE_FILE) for p in root.rglob(name)}
+    return sorted(found)
+
+
+def verify_bundle(folder: str | os.PathLike) -> dict:
+    """Check a bundle's (or pipeline folder's) hashes and readability without building a network; the config."""
+    folder = resolve_bundle(folder)
+    if not (folder / CONFIG_FILE).is_file() and (folder / PIPELINE_FILE).is_file():
+        return read_pipeline_spec(folder)
+    return read_bundle(folder)[1]
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m patchflannel.bundle",
+                                description="Verify bundles, or record their hashes after a deliberate edit.")
+    p.add_argument("command", choices=("verify", "rehash"))
+    p.add_argument("folders", nargs="*", type=Path, help="bundle folders (default for verify: all shipped ones)")
+    p.add_argument("--weights", action="store_true", help="rehash: also record the current weights file's hash")
+    args = p.parse_args(argv)
+    if args.command == "rehash":
+        if not args.folders:
+            p.error("rehash needs the folders to rehash")
+        for folder in args.folders:
+            rehash_bundle(folder, weights=args.weights)
+            print(f"rehashed {folder}")
+        return
+    failed = 0
+    for folder in args.folders or bundle_folders():
+        try:
+            verify_bundle(folder)
+            print(f"ok      {folder}")
+        except WeightsError as exc:
+            failed += 1
+            print(f"FAILED  {folder}: {exc}")
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

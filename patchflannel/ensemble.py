@@ -206,10 +206,35 @@ def save_weight_module(folder: str | os.PathLike, module: FlannelWeightModule, *
                                   "training": (config or WeightModuleConfig()).to_dict(), **(extra or {})})
 
 
-def load_weight_module(folder: str | os.PathLike) -> tuple[FlannelWeightModule, dict]:
-    """The module of a bundle written by :func:`save_weight_module`, and its config."""
-    state, config = read_bundle(folder, "weight module")
-    module = FlannelWeightModule(len(config["learners"]), len(config["classes"]), hidden=config.get("hidden"))
+def load_weight_module(folder: str | os.PathLike, *, verify: bool = True) -> tuple[FlannelWeightModule, dict]:
+    """The module of a bundle written by :func:`save_weight_module`, and its config.
+
+    ``folder`` may name a shipped bundle from any working directory (``weights/ensemble-lite``
+    or ``ensemble-lite``, see :func:`patchflannel.bundle.resolve_bundle`). Its config
+    (learner order, temperature...) and weights are verified against their recorded hashes;
+    ``verify=False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads an unverified bundle,
+    with a warning.
+
+    Raises:
+        WeightsError: see :func:`patchflannel.bundle.read_bundle`; also keys of the wrong type
+            or a non-positive temperature, naming the config file.
+    """
+    from .bundle import CONFIG_FILE, resolve_bundle
+    from .errors import WeightsError
+
+    folder = resolve_bundle(folder, "weight module bundle")
+    state, config = read_bundle(folder, "weight module", verify=verify, required=("learners", "classes"))
+    config_path = folder / CONFIG_FILE
+    for key in ("learners", "classes"):
+        value = config[key]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise WeightsError(f"{config_path}: {key!r} must be a non-empty list of names, not {value!r}")
+    hidden, temperature = config.get("hidden"), config.get("temperature", 1.0)
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        raise WeightsError(f"{config_path}: 'hidden' must be null or a positive integer, not {hidden!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise WeightsError(f"{config_path}: 'temperature' must be a positive number, not {temperature!r}")
+    module = FlannelWeightModule(len(config["learners"]), len(config["classes"]), hidden=hidden)
     return load_state(module, state, folder).eval(), config
 
 

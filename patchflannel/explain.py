@@ -47,7 +47,7 @@ def last_conv(model: nn.Module) -> nn.Module:
 
 
 def patch_cams(model: nn.Module, patches: torch.Tensor, targets: torch.Tensor, *,
-               layer: nn.Module | None = None, batch_size: int = 32) -> torch.Tensor:
+               layer: nn.Module | None = None, batch_size: int = 8) -> torch.Tensor:
     """Grad-CAM of normalised ``patches`` ``(M, C, P, P)`` for class ``targets`` ``(M,)``.
 
     Returns ``(M, P, P)`` float32, non-negative, not normalised (the maps of one learner stay
@@ -94,7 +94,7 @@ def place_cams(cams: torch.Tensor, centres: torch.Tensor, shape: tuple[int, int]
 
 def lung_heatmap(models: Sequence[nn.Module], normalize, image: np.ndarray, mask: np.ndarray, centres,
                  target: int, *, patch_size: int = 224, weights: Sequence[float] | None = None,
-                 device="cpu", batch_size: int = 32, stride: int = HEATMAP_STRIDE) -> tuple[np.ndarray, list[np.ndarray]]:
+                 device="cpu", batch_size: int = 8, stride: int = HEATMAP_STRIDE) -> tuple[np.ndarray, list[np.ndarray]]:
     """The probabilistic Grad-CAM of one film.
 
     Args:
@@ -104,6 +104,8 @@ def lung_heatmap(models: Sequence[nn.Module], normalize, image: np.ndarray, mask
         centres: ``(K, 2)`` patch centres (the ones the prediction used).
         target: class index explained (the predicted class).
         weights: per-learner weights of the ensemble map (default: equal).
+        batch_size: patches per backward pass: peak memory grows with it (the activations
+            of a backward pass), the time barely (see ``benchmarks/explain_memory.py``).
 
     Returns:
         ``(ensemble_map, [map per learner])``, each ``(H / stride, W / stride)`` float32 in

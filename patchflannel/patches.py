@@ -1,10 +1,13 @@
 """Stage 2 patch sampling: lung-centred centres and batched, zero-padded crops.
 
-Centres are drawn jointly and uniformly over the lung pixels of each mask (an index
-into the list of lung coordinates), never row and column independently, so every
-centre lies inside the lung. Crops are cut from tensors already in memory for a whole
-batch at once by index arithmetic, zero-padded where they cross the image border and
-never stretched.
+Centres are uniform over the lung pixels of each mask (row and column drawn jointly, never
+independently), so every centre lies inside the lung. They are drawn as a seeded stream of
+uniform candidate points over the whole grid, each accepted where the mask is lung: the
+stream depends only on the seed and the grid size, never on the mask, so a mask pixel
+decided differently (bf16 vs float32, CPU vs GPU) can only add or remove the candidates
+that land on it; every other centre stays where it was. Crops are cut from tensors already
+in memory for a whole batch at once by index arithmetic, zero-padded where they cross the
+image border and never stretched.
 
 Example:
     >>> import torch
@@ -32,25 +35,47 @@ class EmptyMaskError(PatchflannelError):
 
 def image_seed(image: np.ndarray | torch.Tensor, seed: int = 0) -> int:
     """A seed derived from an image's content and ``seed``: the same input always draws the
-    same patches, wherever it sits in a batch."""
+    same patches, wherever it sits in a batch. Pass the decoded input (not the masked film),
+    so the seed does not depend on the segmentation."""
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     digest = hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+#: Candidate points drawn per round: the stream is the same whatever the mask, because every
+#: round draws this many whether or not they are needed.
+CANDIDATES_PER_ROUND = 1024
 
 
 def sample_centres(mask: torch.Tensor | np.ndarray, k: int, *, generator: torch.Generator,
                    min_pixels: int = 100) -> torch.Tensor:
     """``k`` patch centres ``(k, 2)`` as (row, col), uniform over the mask's lung pixels (with replacement).
 
+    The centres are the first ``k`` points of a seeded stream of uniform candidates over the
+    mask's grid that fall on lung (rejection sampling): the stream depends only on
+    ``generator``'s state and the grid size, so changing one mask pixel moves only the
+    centres that landed on it.
+
     Raises:
         EmptyMaskError: fewer than ``min_pixels`` lung pixels.
     """
-    mask = torch.as_tensor(mask)
-    coords = mask.nonzero()
-    if len(coords) < max(1, min_pixels):
-        raise EmptyMaskError(f"lung mask has {len(coords)} pixels, fewer than {min_pixels}: no patches can be centred")
-    index = torch.randint(len(coords), (k,), generator=generator, device="cpu").to(coords.device)
-    return coords[index]
+    mask = torch.as_tensor(mask).bool()
+    lung = int(mask.sum())
+    if lung < max(1, min_pixels):
+        raise EmptyMaskError(f"lung mask has {lung} pixels, fewer than {min_pixels}: no patches can be centred")
+    flat = mask.reshape(-1).cpu()
+    height, width = mask.shape
+    accepted: list[torch.Tensor] = []
+    found = 0
+    # min_pixels bounds the expected number of rounds: k * H * W / (lung * CANDIDATES_PER_ROUND).
+    while found < k:
+        candidates = torch.randint(height * width, (CANDIDATES_PER_ROUND,), generator=generator)
+        hits = candidates[flat[candidates]]
+        accepted.append(hits)
+        found += len(hits)
+    index = torch.cat(accepted)[:k]
+    centres = torch.stack([index // width, index % width], dim=1)
+    return centres.to(mask.device)
 
 
 def extract_patches(images: torch.Tensor, centres: torch.Tensor, size: int = 224) -> torch.Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .bundle import read_pipeline_spec, resolve_bundle, write_pipeline_spec
 from .calibration import apply_temperature, uncertainty
 from .errors import InvalidImageError, WeightsError
 from .io import as_grey_float, check_size, load_image
@@ -34,6 +35,7 @@ from .learners.bundle import DEFAULT_LEARNERS, load_learner_set
 from .learners.engine import PatchEngine
 from .learners.evaluate import FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
 from .learners.registry import CLASSES, Normalization
+from .patches import image_seed
 from .segment.segmenter import Segmenter
 from .training import atomic_write
 
@@ -43,10 +45,9 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 #: Environment variable that may point to a pipeline bundle folder.
 PIPELINE_ENV = "PATCHFLANNEL_PIPELINE"
 DEFAULT_PIPELINE = WEIGHTS / "pipeline-lite"
-PIPELINE_FILE = "pipeline.json"
 
 
-_ARRAY_FIELDS = ("mask", "centres", "heatmap", "learner_heatmaps", "working_image")
+_ARRAY_FIELDS = ("packed_mask", "mask_shape", "centres", "heatmap", "learner_heatmaps", "working_image")
 
 
 @dataclass
@@ -67,7 +68,8 @@ class Prediction:
             (see :func:`patchflannel.calibration.uncertainty`).
         rejection: why the input was not classified (unreadable file, no plausible lungs...).
         lung_fraction: fraction of the image covered by the lung mask.
-        mask: the lung mask on the letterboxed working grid (not in :meth:`to_dict`).
+        mask: the lung mask on the letterboxed working grid (not in :meth:`to_dict`; stored
+            bit-packed in ``packed_mask``).
         centres: ``(K, 2)`` patch centres on the working grid (not in :meth:`to_dict`).
         heatmap: with ``explain=True``, the ensemble's probabilistic Grad-CAM for ``label``,
             ``(W/4, W/4)`` float in [0, 1] on the working grid, zero outside the lung (not in
@@ -85,7 +87,8 @@ class Prediction:
     uncertainty: dict[str, float] | None = None
     rejection: str | None = None
     lung_fraction: float | None = None
-    mask: np.ndarray | None = field(default=None, repr=False)
+    packed_mask: np.ndarray | None = field(default=None, repr=False)
+    mask_shape: tuple[int, int] | None = field(default=None, repr=False)
     centres: np.ndarray | None = field(default=None, repr=False)
     heatmap: np.ndarray | None = field(default=None, repr=False)
     learner_heatmaps: dict[str, np.ndarray] | None = field(default=None, repr=False)
@@ -94,6 +97,23 @@ class Prediction:
     @property
     def ok(self) -> bool:
         return self.rejection is None
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The bool lung mask on the working grid (kept bit-packed: a list of predictions holds
+        128 KB per film for it, not 1 MB)."""
+        if self.packed_mask is None:
+            return None
+        h, w = self.mask_shape
+        return np.unpackbits(self.packed_mask, count=h * w).reshape(h, w).astype(bool)
+
+    @mask.setter
+    def mask(self, value: np.ndarray | None) -> None:
+        if value is None:
+            self.packed_mask = self.mask_shape = None
+        else:
+            value = np.asarray(value, dtype=bool)
+            self.packed_mask, self.mask_shape = np.packbits(value, axis=None), value.shape
 
     def to_dict(self) -> dict:
         """JSON-ready fields (no arrays)."""
@@ -132,11 +152,13 @@ class Pipeline:
         batch_size: images decoded, segmented and classified together.
         device: ``"auto"`` (cuda when present), ``"cpu"``, ...
         progress: show a progress bar over batches.
+        explain_batch_size: patches per Grad-CAM backward pass (``explain=True``); bounds its memory.
     """
 
     def __init__(self, segmenter: Segmenter, learners: Mapping[str, torch.nn.Module], *, weight_module=None,
                  temperature: float = 1.0, patch_size: int = 224, normalization: Normalization | None = None, k: int = 100, seed: int = 0,
-                 batch_size: int = 8, device="auto", amp: bool = True, progress: bool = False):
+                 batch_size: int = 8, device="auto", amp: bool = True, progress: bool = False,
+                 explain_batch_size: int = 8):
         if weight_module is not None and weight_module.num_learners != len(learners):
             raise ValueError(f"weight module combines {weight_module.num_learners} learners, got {len(learners)}")
         self.segmenter = segmenter
@@ -146,7 +168,7 @@ class Pipeline:
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size, self.progress, self.explain_batch_size = batch_size, progress, explain_batch_size
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
@@ -154,12 +176,8 @@ class Pipeline:
         ``weights/pipeline-lite``). ``kwargs`` (``k``, ``seed``, ``batch_size``...) override
         the bundle's settings. Nothing is downloaded; missing or corrupt parts raise
         :class:`~patchflannel.WeightsError` saying which."""
-        folder = Path(path or os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE)
-        spec_path = folder / PIPELINE_FILE
-        if not spec_path.is_file():
-            raise WeightsError(f"no {PIPELINE_FILE} in {folder}: pass a pipeline bundle folder (one written by "
-                               f"Pipeline.save_pretrained, or the repository's weights/pipeline-lite)")
-        spec = json.loads(spec_path.read_text())
+        folder = resolve_bundle(path or os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE, "pipeline bundle")
+        spec = read_pipeline_spec(folder)
         part = lambda key: None if spec.get(key) is None else folder / spec[key]
         settings = {k: spec[k] for k in ("k", "seed") if k in spec}
         return cls.from_bundles(part("segmenter"), part("learners"), part("ensemble"), device=device,
@@ -205,7 +223,7 @@ class Pipeline:
         spec = {"format": "patchflannel-pipeline", "segmenter": "segmenter", "learners": "learners",
                 "ensemble": "ensemble" if self.weight_module is not None else None,
                 "k": self.engine.k, "seed": self.engine.seed}
-        atomic_write(folder / PIPELINE_FILE, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2) + "\n"))
+        write_pipeline_spec(folder, spec)
 
     @property
     def learner_names(self) -> list[str]:
@@ -251,7 +269,10 @@ class Pipeline:
         if not todo:
             return preds
         masked = np.stack([s.masked_working_image for _, s in todo])
-        result = self.engine.predict(masked, np.stack([s.working_mask for _, s in todo]))
+        # Seeded by the decoded input, not the masked film: a mask pixel decided differently
+        # (another device or precision) then moves only the centres that landed on it.
+        seeds = [image_seed(images[i], self.engine.seed) for i, _ in todo]
+        result = self.engine.predict(masked, np.stack([s.working_mask for _, s in todo]), seeds=seeds)
         probs = result.probs  # (n, L, C); NaN rows for images the engine rejected
         weights = combined = None
         if self.weight_module is not None:
@@ -288,6 +309,7 @@ class Pipeline:
         weights = list(pred.learner_weights.values()) if pred.learner_weights else None
         pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, masked, seg.working_mask,
                                           pred.centres, CLASSES.index(pred.label), patch_size=self.engine.patch_size,
-                                          weights=weights, device=self.engine.device)
+                                          weights=weights, device=self.engine.device,
+                                          batch_size=self.explain_batch_size)
         pred.learner_heatmaps = dict(zip(self.learner_names, maps))
         pred.working_image = seg.working_image

@@ -5,8 +5,9 @@ INPUT is a folder of images (searched recursively), a manifest CSV with an ``ima
 ``FOLDER/predictions.jsonl`` as its batch finishes (predicted class, probabilities, per-learner
 probabilities and patch votes, or the reason it was rejected), so a killed job loses at most
 one batch and a rerun skips what is done. ``FOLDER/predictions.csv`` (one row per input, the
-manifest's other columns kept) is rewritten atomically at the end. The exit code is non-zero
-only when nothing could be classified. ``--explain`` also writes ``FOLDER/overlays/<input>.png``
+manifest's other columns kept) is rewritten atomically at the end. Exit codes (shared with
+``patchflannel.segment``): 0 something was done, 1 nothing could be done, 2 a usage error;
+``--retry-failed`` redoes inputs recorded as rejected or error. ``--explain`` also writes ``FOLDER/overlays/<input>.png``
 for every classified input: the film with its lung outline, the Grad-CAM heatmap over the
 lung patches, the probabilities and the uncertainty (:func:`patchflannel.viz.explanation_figure`).
 ``--shard i/n`` runs one of n shards into the same folder (``--shard auto`` under torchrun or
@@ -21,7 +22,6 @@ import csv
 import io
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -30,11 +30,17 @@ from tqdm.auto import tqdm
 from .errors import PatchflannelError
 from .learners.registry import CLASSES
 from .segment.batch import (
+    EXIT_NOTHING_DONE,
+    EXIT_USAGE,
     BatchInput,
     collect_inputs,
     drop_torn_tail,
+    exit_status,
     merge_logs,
+    prepare_out_dir,
     read_done,
+    remove_stale_temp_files,
+    unique_file_name,
 )
 from .shard import Shard
 from .training import atomic_write
@@ -54,8 +60,9 @@ def record_for(item: BatchInput, pred) -> dict:
 
 
 def overlay_name(input_name: str) -> str:
-    """A flat, safe file name for an input's overlay: never a path that leaves ``overlays/``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", input_name.replace("/", "__")).lstrip(".") + ".png"
+    """A flat, safe file name for an input's overlay, unique per input (a short hash of its
+    name): never a path that leaves ``overlays/``."""
+    return unique_file_name(input_name, ".png")
 
 
 def write_overlay(out_dir: Path, record: dict, pred) -> None:
@@ -72,25 +79,37 @@ def write_overlay(out_dir: Path, record: dict, pred) -> None:
 
 
 def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool = False,
-                progress: bool = True, shard: Shard | None = None) -> dict:
+                progress: bool = True, shard: Shard | None = None, retry_failed: bool = False,
+                items: list[BatchInput] | None = None) -> dict:
     """Predict every input of ``source`` not yet in ``out_dir``; returns counts by status.
     ``explain`` writes an overlay PNG per classified input. With ``shard``, only that shard's
-    inputs, logged apart; :func:`merge_predictions` combines the shards."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    items = collect_inputs(source)
+    inputs, logged apart; :func:`merge_predictions` combines the shards. ``retry_failed`` redoes
+    inputs recorded as rejected or error (a full disk, a file fixed since). ``items``: the
+    inputs, if already listed with :func:`~patchflannel.segment.batch.collect_inputs`.
+
+    Returns ``{"inputs", "ok", "rejected", "error", "skipped", "total"}``: ``skipped`` were
+    done by an earlier run; the status counts are over all inputs.
+    """
+    out_dir = prepare_out_dir(out_dir)
+    if items is None:
+        items = collect_inputs(source, exclude=out_dir)
     if shard is not None:
         items = [it for it in items if shard.owns(it.name)]
     log_path = out_dir / (shard.log_name(JSONL) if shard else JSONL)
+    remove_stale_temp_files(out_dir, shard)  # overlays and CSVs of a killed run
     done = read_done(out_dir, JSONL, log_path)
     drop_torn_tail(log_path)
-    todo = [it for it in items if it.name not in done]
+    finished = lambda rec: rec is not None and (rec["status"] == "ok" or not retry_failed)  # noqa: E731
+    todo = [it for it in items if not finished(done.get(it.name))]
     log.info("%d inputs, %d already done", len(items), len(items) - len(todo))
 
     def record(item: BatchInput, pred) -> dict:
         rec = record_for(item, pred)
         if explain and pred.ok:
-            write_overlay(out_dir, rec, pred)
+            try:
+                write_overlay(out_dir, rec, pred)
+            except OSError as exc:  # a full disk: recorded, redone with --retry-failed
+                rec = error_record(item, exc)
         return rec
 
     with open(log_path, "a") as sink:
@@ -104,17 +123,22 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
                 for it in batch:
                     try:
                         records.append(record(it, pipeline.predict(it.path, explain=explain)))
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001
                         log.exception("failed on %s", it.path)
-                        records.append({"input": it.name, "path": str(it.path), **it.columns, "status": "error",
-                                        "rejection": f"{type(exc).__name__}: {exc}"})
+                        records.append(error_record(it, exc))
             sink.write("".join(json.dumps(r) + "\n" for r in records))
             sink.flush()
             done.update({r["input"]: r for r in records})
     if shard is None:
         write_csv(out_dir / CSV, [done[it.name] for it in items if it.name in done])
     counts = {s: sum(done[it.name]["status"] == s for it in items if it.name in done) for s in ("ok", "rejected", "error")}
-    return {"inputs": len(items), **counts}
+    return {"inputs": len(items), **counts, "skipped": len(items) - len(todo), "total": len(items)}
+
+
+def error_record(item: BatchInput, exc: BaseException) -> dict:
+    """The record of an input that failed for a reason other than its content (``status: error``)."""
+    return {"input": item.name, "path": str(item.path), **item.columns, "status": "error",
+            "rejection": f"{type(exc).__name__}: {exc}"}
 
 
 def merge_predictions(source, out_dir) -> dict:
@@ -166,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard", default=None,
                    help="i/n: only shard i (from 0) of n, logged apart (auto: from torchrun/SLURM variables)")
     p.add_argument("--merge", action="store_true", help="combine the shards' logs into predictions.* and exit")
+    p.add_argument("--retry-failed", action="store_true", help="redo inputs recorded as rejected or error")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -177,6 +202,12 @@ def main(argv=None) -> int:
             print(json.dumps(counts))
             return 0 if not counts["missing"] else 1
         shard = Shard.parse(args.shard)
+        # Inputs and the output folder are checked before any model loads.
+        out_dir = prepare_out_dir(args.out)
+        items = collect_inputs(args.input, exclude=out_dir)
+        if not items:
+            print(f"error: {args.input}: no images found", file=sys.stderr)
+            return exit_status({"total": 0, "ok": 0})
         settings = {k: v for k, v in (("k", args.k), ("seed", args.seed)) if v is not None}
         if args.segmenter or args.learners or args.ensemble:
             pipeline = Pipeline.from_bundles(args.segmenter, args.learners, args.ensemble, device=args.device,
@@ -184,13 +215,16 @@ def main(argv=None) -> int:
         else:
             pipeline = Pipeline.from_pretrained(args.pipeline, device=args.device, batch_size=args.batch_size,
                                                 **settings)
-        counts = run_predict(args.input, args.out, pipeline, batch_size=args.batch_size, explain=args.explain,
-                             progress=not args.no_progress, shard=shard)
+        counts = run_predict(args.input, out_dir, pipeline, batch_size=args.batch_size, explain=args.explain,
+                             progress=not args.no_progress, shard=shard, retry_failed=args.retry_failed, items=items)
     except (PatchflannelError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as exc:  # a full disk or a folder that turned read-only mid-run
+        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
     print(json.dumps(counts))
-    return 0 if counts["ok"] or not counts["inputs"] else 1
+    return exit_status(counts)
 
 
 if __name__ == "__main__":

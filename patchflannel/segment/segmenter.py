@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..bundle import resolve_bundle
 from ..errors import WeightsError
 from ..io import as_grey_float
 from ..preprocess import Letterbox, SegmenterPreprocess, resize
@@ -95,13 +96,24 @@ class Segmenter:
         self.id = f"{name}@{config.get('weights_sha256', 'unknown')[:12]}"
 
     @classmethod
-    def from_bundle(cls, folder: str | os.PathLike | None = None, **kwargs) -> Segmenter:
-        """Load a bundle folder (default: the shipped FC-DenseNet, see :func:`default_bundle_path`)."""
-        folder = Path(folder) if folder is not None else default_bundle_path()
+    def from_bundle(cls, folder: str | os.PathLike | None = None, *, verify: bool = True, **kwargs) -> Segmenter:
+        """Load a bundle folder (default: the shipped FC-DenseNet, see :func:`default_bundle_path`).
+
+        ``folder`` may also name a shipped bundle from any working directory
+        (``weights/segmenter-unet-lite0`` or ``segmenter-unet-lite0``; see
+        :func:`patchflannel.bundle.resolve_bundle`). Its config and weights are verified
+        against their recorded hashes; ``verify=False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``)
+        loads an unverified bundle, with a warning.
+        """
+        folder = folder if folder is not None else default_bundle_path()
+        try:
+            folder = resolve_bundle(folder, "segmenter bundle")
+        except WeightsError as exc:
+            raise WeightsError(f"{exc}; or set {WEIGHTS_ENV} to a bundle folder") from None
         if not folder.is_dir():
             raise WeightsError(f"segmenter bundle not found at {folder}: pass a bundle folder, or set "
                                f"{WEIGHTS_ENV} to one (the repository ships weights/{DEFAULT_BUNDLE})")
-        model, config = load_bundle(folder)
+        model, config = load_bundle(folder, verify=verify)
         return cls(model, config, name=folder.name, **kwargs)
 
     def network_input(self, image: np.ndarray) -> np.ndarray:
