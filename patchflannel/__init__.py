@@ -1,10 +1,26 @@
 """patchflannel: lung-masked patch ensembles for COVID-19 and pneumonia on chest X-rays.
 
+The whole method in one object::
+
+    from patchflannel import Pipeline
+    pipe = Pipeline.from_pretrained()          # the shipped bundle, offline
+    pred = pipe.predict("chest.png")           # .label, .probabilities, .rejection, ...
+
+Public names (imported on first use, so ``import patchflannel`` stays light):
+
+* :class:`Pipeline`, :class:`Prediction`, :func:`write_predictions`: the pipeline, one
+  input's result, and writing results to CSV/JSON.
+* :class:`PatchEngine`, :func:`create_learner`: batched patch inference; patch-learner backbones.
+* :class:`FlannelWeightModule`, :class:`FocalLoss`: the FLANNEL weight module and multiclass focal loss.
+* :class:`Segmenter`, :func:`load_image`: Stage 1 lung segmentation; decoding CXR files.
+* Errors: :class:`PatchflannelError` (base), :class:`InvalidImageError`, :class:`WeightsError`,
+  :class:`DataNotFoundError`.
+
 Stage 1 (lung segmentation, masked stores) lives in :mod:`patchflannel.segment` and
 :mod:`patchflannel.store`; image decoding in :mod:`patchflannel.io`. Stage 2 (patch
 learners, batched patch inference) in :mod:`patchflannel.learners`; the FLANNEL weight
-module and focal loss in :mod:`patchflannel.ensemble`. :class:`Pipeline` runs all of it on
-image files or arrays (``python -m patchflannel.predict`` over folders).
+module and focal loss in :mod:`patchflannel.ensemble`. ``python -m patchflannel.segment``
+and ``python -m patchflannel.predict`` run the batch jobs over folders and manifests.
 """
 from .errors import (
     DataNotFoundError,
@@ -19,12 +35,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "FocalLoss": "ensemble", "FlannelWeightModule": "ensemble",
     "PatchEngine": "learners", "create_learner": "learners",
-    "Pipeline": "pipeline", "Prediction": "pipeline",
+    "Pipeline": "pipeline", "Prediction": "pipeline", "write_predictions": "pipeline",
+    "Segmenter": "segment", "load_image": "io",
 }
 
 __all__ = [
     "DataNotFoundError", "FlannelWeightModule", "FocalLoss", "InvalidImageError", "PatchEngine",
-    "PatchflannelError", "Pipeline", "Prediction", "WeightsError", "__version__", "create_learner",
+    "PatchflannelError", "Pipeline", "Prediction", "Segmenter", "WeightsError", "__version__", "create_learner",
+    "load_image", "write_predictions",
 ]
 
 
@@ -32,5 +50,11 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # imported once
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

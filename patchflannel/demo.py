@@ -118,8 +118,10 @@ def main(argv=None) -> None:
         w.writeheader()
         w.writerows(rows)
     masked = args.out / "masked"
-    stage1 = run_batch(manifest, masked, pipeline.segmenter, h5_path=masked / "sample.h5")
-    items = collect_inputs(manifest)
+    # Outputs named relative to the data's cxr4 folder: masked/images/<label>/<film>.npz
+    cxr4 = args.data / "cxr4"
+    stage1 = run_batch(manifest, masked, pipeline.segmenter, h5_path=masked / "sample.h5", root=cxr4)
+    items = collect_inputs(manifest, root=cxr4)
     preds = pipeline.predict([it.path for it in items], explain=True, progress=True)  # kept for the report
     (args.out / "predictions").mkdir(exist_ok=True)
     write_csv(args.out / "predictions" / "predictions.csv", [record_for(it, pr) for it, pr in zip(items, preds)])

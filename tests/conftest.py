@@ -61,6 +61,17 @@ def segmenter():
     return Segmenter.from_bundle(SHIPPED_SEGMENTER, device="cpu")
 
 
+PIPELINE_K = 4  # patches per film in the pipeline tests: enough to exercise every stage, cheap on CPU
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    """The shipped segmenter and learners, combined by their mean, K = 4 (shared by the test files)."""
+    from patchflannel import Pipeline
+
+    return Pipeline.from_bundles(device="cpu", k=PIPELINE_K)
+
+
 WORKING = 384  # a small working grid keeps the Stage 2 tests fast; the library default is 1024
 
 

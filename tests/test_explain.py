@@ -18,10 +18,6 @@ def test_place_cams_averages_where_patches_overlap():
     assert heat[20, 20] == 0 and heat[:4].sum() == 0  # no patch covers these
 
 
-@pytest.fixture(scope="module")
-def pipeline():
-    return Pipeline.from_bundles(device="cpu", k=K)
-
 
 @pytest.fixture(scope="module")
 def film(cxr4_rows):

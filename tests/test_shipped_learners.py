@@ -1,11 +1,9 @@
 """The shipped ``lite`` learner set and pipeline: integrity, split, behaviour on held-out patients."""
 import numpy as np
 import pytest
-import torch
 
 from patchflannel.cv import read_split
-from patchflannel.io import load_image
-from patchflannel.learners import CLASSES, PRESETS, Normalization, PatchEngine
+from patchflannel.learners import CLASSES, PRESETS
 from patchflannel.learners.bundle import DEFAULT_LEARNERS, load_learner_set
 
 
@@ -31,42 +29,45 @@ def test_split_covers_every_patient_and_keeps_other_pneumonia_out_of_training(da
     assert set(split.values()) == {"train", "val", "test"}
 
 
+PER_CLASS, HELD_OUT_K = 10, 4
+
+
 @pytest.fixture(scope="module")
-def held_out(cxr4_rows, segmenter):
-    """Five held-out cxr4 films per class (chance: 0.25), segmented."""
+def held_out(cxr4_rows):
+    """Ten held-out cxr4 films per class (chance: 0.25), classified by the shipped pipeline."""
+    from patchflannel import Pipeline
+
     split = read_split(DEFAULT_LEARNERS / "split.csv")
     picked = []
     for label in CLASSES:
         rows = [r for r in cxr4_rows if r["label"] == label and split[r["patient_id"]] == "test"]
-        picked += rows[:: max(1, len(rows) // 5)][:5]
-    results = segmenter.segment_batch([load_image(r["image"]) for r in picked])
-    assert all(r.ok for r in results)
-    return picked, results
+        picked += rows[:: max(1, len(rows) // PER_CLASS)][:PER_CLASS]
+    preds = Pipeline.from_pretrained(device="cpu", k=HELD_OUT_K).predict([r["image"] for r in picked])
+    assert all(p.ok for p in preds), [p.rejection for p in preds if not p.ok]
+    return picked, preds
 
 
-def test_held_out_films_are_classified_above_chance(shipped, held_out):
-    learners, shared = shipped
-    picked, results = held_out
-    engine = PatchEngine(learners, k=8, normalization=Normalization(**shared["normalization"]), device="cpu")
-    out = engine.predict([np.where(r.working_mask, r.working_image, 0) for r in results],
-                         [r.working_mask for r in results])
-    truth = torch.tensor([CLASSES.index(r["label"]) for r in picked])
-    per_learner = dict(zip(learners, (out.probs.argmax(-1) == truth[:, None]).float().mean(0).tolist()))
-    # Floors under the accuracies measured on these 20 films (0.70, 0.80, 0.55, 0.45, 0.60; the
-    # model card has the 267 held-out films): ImageNet-initialised and random-init learners.
-    floors = {"efficientnet_lite0": 0.6, "efficientnet_lite1": 0.6, "efficientnet_lite2": 0.45,
-              "resnet18": 0.35, "mobilenet_v3_small": 0.45}
-    assert all(per_learner[n] >= floors[n] for n in learners), per_learner
+# Class-balanced accuracy on the 267 held-out films of the model card (mean recall, K = 16):
+# lite0 0.76, lite1 0.77, lite2 0.71, FLANNEL 0.76. With 40 films the standard error is about
+# 0.07, so floors of 0.45/0.40 sit over four standard errors below them (and K = 4 patches costs
+# a few points), yet far above chance (0.25). The two random-init learners (0.55, 0.58) are near
+# enough to chance that no floor on 40 films would be both safe and meaningful: not floored.
+FLOORS = {"efficientnet_lite0": 0.45, "efficientnet_lite1": 0.45, "efficientnet_lite2": 0.40, "FLANNEL": 0.45}
+
+
+def test_held_out_films_are_classified_above_chance(held_out):
+    picked, preds = held_out
+    truth = [r["label"] for r in picked]
+    accuracy = {name: np.mean([p.learners[name]["label"] == t for p, t in zip(preds, truth)]) for name in FLOORS
+                if name != "FLANNEL"}
+    accuracy["FLANNEL"] = np.mean([p.label == t for p, t in zip(preds, truth)])
+    assert all(accuracy[n] >= FLOORS[n] for n in FLOORS), accuracy
 
 
 def test_shipped_pipeline_combines_the_learners_with_flannel(held_out):
-    from patchflannel import Pipeline
-
-    picked, _ = held_out
-    pipe = Pipeline.from_pretrained(device="cpu", k=8)
-    preds = pipe.predict([r["image"] for r in picked])
-    assert all(p.ok and p.combiner == "FLANNEL ensemble" for p in preds)
-    accuracy = np.mean([p.label == r["label"] for p, r in zip(preds, picked)])
-    assert accuracy >= 0.55, accuracy  # measured: 0.65 (K=8)
+    _, preds = held_out
+    assert all(p.combiner == "FLANNEL ensemble" for p in preds)
     weights = np.array([list(p.learner_weights.values()) for p in preds])
     assert np.isfinite(weights).all() and (np.abs(weights) <= 1).all()
+    probs = np.array([list(p.probabilities.values()) for p in preds])
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
