@@ -6,10 +6,10 @@ For each device, :meth:`patchflannel.Pipeline.predict` runs over the same ``n`` 
 (decode, segment, K lung patches, the five learners, the weight module), once to warm up
 and then ``--repeats`` times; reported: films/s (median), and against the first device,
 the speed ratio, the share of films given the same label, the largest difference of a
-class probability and whether every film drew the same patch centres. Centres are drawn
-on the CPU from a hash of the masked film (:func:`patchflannel.patches.image_seed`), so they
-match only where both devices' lung masks match pixel for pixel: the segmenter runs in bf16
-autocast on both, and one border pixel decided differently redraws all K centres.
+class probability and whether every film drew the same patch centres. Centres are seeded by
+the decoded input (:func:`patchflannel.patches.image_seed`) and drawn as a candidate stream
+accepted against the mask, so a border pixel decided differently on another device moves only
+the centres that landed on it (``benchmarks/centre_stability.py`` measures how many).
 """
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ from .segment.batch import (
     exit_status,
     merge_logs,
     prepare_out_dir,
+    printable_name,
     read_done,
     remove_stale_temp_files,
     unique_file_name,
@@ -87,8 +88,9 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
     inputs recorded as rejected or error (a full disk, a file fixed since). ``items``: the
     inputs, if already listed with :func:`~patchflannel.segment.batch.collect_inputs`.
 
-    Returns ``{"inputs", "ok", "rejected", "error", "skipped", "total"}``: ``skipped`` were
-    done by an earlier run; the status counts are over all inputs.
+    Returns ``{"inputs", "ok", "rejected", "error", "skipped", "total"}``: the statuses of the
+    inputs done by this run, as the segment job counts them; ``skipped`` were done by an
+    earlier run (their records are in ``predictions.jsonl``).
     """
     out_dir = prepare_out_dir(out_dir)
     if items is None:
@@ -131,7 +133,8 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
             done.update({r["input"]: r for r in records})
     if shard is None:
         write_csv(out_dir / CSV, [done[it.name] for it in items if it.name in done])
-    counts = {s: sum(done[it.name]["status"] == s for it in items if it.name in done) for s in ("ok", "rejected", "error")}
+    now = [done[it.name]["status"] for it in todo if it.name in done]
+    counts = {s: now.count(s) for s in ("ok", "rejected", "error")}
     return {"inputs": len(items), **counts, "skipped": len(items) - len(todo), "total": len(items)}
 
 
@@ -145,7 +148,8 @@ def merge_predictions(source, out_dir) -> dict:
     """Combine the shard logs of ``out_dir`` into ``predictions.jsonl`` and ``predictions.csv``
     (input order), then remove them; returns counts by status and how many inputs are missing."""
     out_dir = Path(out_dir)
-    items = collect_inputs(source)
+    items = collect_inputs(source, exclude=out_dir)
+    remove_stale_temp_files(out_dir)  # every shard has finished
     ordered = merge_logs(out_dir, JSONL, [it.name for it in items])
     write_csv(out_dir / CSV, ordered)
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
@@ -169,8 +173,10 @@ def write_csv(path: Path, records: list[dict]) -> None:
     writer.writeheader()
     for r in records:
         probs = r.get("probabilities") or {}
-        writer.writerow({**r, **{f"p_{c}": probs.get(c, "") for c in CLASSES}, **(r.get("uncertainty") or {})})
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+        row = {k: printable_name(v) if isinstance(v, str) else v for k, v in r.items()}
+        writer.writerow({**row, **{f"p_{c}": probs.get(c, "") for c in CLASSES}, **(r.get("uncertainty") or {})})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8",
+                                                        errors="backslashreplace"))  # any file name
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ names, a ``/`` in a name making nested groups) are still read.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -186,14 +187,13 @@ def pack_npz_files(npz_paths: Sequence[str | os.PathLike], out_path: str | os.Pa
     _check_free_space(npz_paths, out_path)
     # The HDF5 library can crash the process that holds a file whose write failed (a full disk
     # ends in a segmentation fault at exit), so the pack is written by a child process.
-    job = {"npz_paths": [str(p) for p in npz_paths], "out_path": str(out_path), "columns": columns,
-           "compression": compression}
-    here = str(Path(__file__).resolve().parents[1])  # importable in the child, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    job = {"npz_paths": [str(p.absolute()) for p in npz_paths], "out_path": str(Path(out_path).absolute()),
+           "columns": columns, "compression": compression}
+    # Run from the folder that holds this package, so the child imports this very copy of it.
     proc = subprocess.run([sys.executable, "-m", "patchflannel.store"], input=json.dumps(job), text=True,
-                          capture_output=True, env=env)
+                          errors="replace", capture_output=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
-        for stale in Path(out_path).parent.glob(f".{Path(out_path).name}.*.tmp"):
+        for stale in Path(out_path).parent.glob(f".{glob.escape(Path(out_path).name)}.*.tmp"):
             stale.unlink(missing_ok=True)
         raise PackWriteError(f"{out_path}: the HDF5 pack could not be written ({_pack_failure(proc.stderr)}); "
                              "nothing was written; the masked files are kept, rerun with --h5 to pack them")
@@ -206,6 +206,7 @@ class PackWriteError(PatchflannelError, OSError):
 def _check_free_space(npz_paths: list[Path], out_path) -> None:
     """Refuse a pack that cannot fit: it takes about the size of its ``.npz`` files."""
     need = int(sum(p.stat().st_size for p in npz_paths) * 1.1) + (1 << 16)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(Path(out_path).parent).free
     if free < need:
         raise PackWriteError(f"{out_path}: the pack needs about {need / 1e6:.0f} MB and only {free / 1e6:.0f} MB "
@@ -246,7 +247,7 @@ def _write_pack(npz_paths: list[Path], out_path, columns: dict[str, list[str]], 
                 masks[i] = z["mask"]
                 for k, ds in meta.items():
                     ds[i] = z[k]
-                sources[i] = str(p)
+                sources[i] = str(p).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             group = h5.create_group("columns")
             for name, values in columns.items():
                 group.create_dataset(keys[name], data=np.asarray(values, dtype=object), dtype=str_dtype)

@@ -9,6 +9,9 @@ import pytest
 
 from patchflannel.cv import read_folds
 
+pytestmark = pytest.mark.slow  # trains models or starts clusters: minutes
+
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_validation.py"
 
 

@@ -6,10 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from patchflannel.distributed import Distributed
+
+pytestmark = pytest.mark.slow  # trains models or starts clusters: minutes
 
 
 def _free_port() -> int:

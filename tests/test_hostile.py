@@ -142,6 +142,7 @@ def test_python_api_rejects_bad_arrays_with_a_reason(pipeline, array, reason):
     assert pred.label is None and pred.rejection and reason in pred.rejection
 
 
+@pytest.mark.slow
 def test_predict_job_sigkill_and_restart_gives_one_record_per_input(corpus, tmp_path):
     root, cases = corpus
     out = tmp_path / "out"

@@ -107,6 +107,7 @@ def _limited(limit_bytes: int):
     return apply
 
 
+@pytest.mark.slow
 def test_pack_on_a_full_disk_stops_cleanly_and_the_rerun_finishes(two_films, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -140,9 +141,11 @@ def test_predict_removes_a_killed_runs_temporary_files_and_retries_failures(pipe
     assert first["ok"] == 1 and first["rejected"] == 1
     assert not [p for p in out.rglob("*.tmp")]
     shutil.copyfile(two_films[1], folder / "b.png")  # the bad input is fixed
-    assert run_predict(folder, out, pipeline, progress=False)["ok"] == 1  # recorded: not redone
+    assert run_predict(folder, out, pipeline, progress=False)["skipped"] == 2  # recorded: not redone
     again = run_predict(folder, out, pipeline, progress=False, retry_failed=True)
-    assert again["ok"] == 2 and again["skipped"] == 1
+    assert again["ok"] == 1 and again["skipped"] == 1
+    records = [json.loads(line) for line in (out / JSONL).read_text().splitlines()]
+    assert [r["status"] for r in records if r["input"] == "b.png"] == ["rejected", "ok"]
 
 
 def test_manifests_with_bom_crlf_and_a_column_called_input(two_films, segmenter, tmp_path):
@@ -235,3 +238,26 @@ def test_predict_record_keeps_json_lines_intact(pipeline, two_films, tmp_path):
     run_predict(folder, tmp_path / "out", pipeline, progress=False)
     lines = (tmp_path / "out" / JSONL).read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"
+
+
+def test_names_that_are_not_utf8_or_too_long_and_out_equal_to_input(two_films, segmenter, pipeline, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copyfile(two_films[0], os.path.join(os.fsencode(folder), b"latin\xe9.png"))  # not UTF-8
+    shutil.copyfile(two_films[1], folder / "sub" / ("肺" * 80 + ".png"))  # 240 bytes: a long overlay name
+    counts = run_batch(folder, folder, segmenter, h5_path=tmp_path / "p.h5", progress=False)  # --out = input
+    assert counts["ok"] == 2 and "latin\\xe9.png" in (folder / "summary.csv").read_text()
+    assert run_batch(folder, folder, segmenter, progress=False)["skipped"] == 2  # subfolders still listed
+    out = folder / "pred"
+    run_predict(folder, out, pipeline, explain=True, progress=False)
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    assert run_predict(folder, out, pipeline, explain=True, progress=False)["total"] == 2  # overlays not inputs
+
+
+def test_one_file_named_twice_in_a_manifest_is_refused(two_films, tmp_path):
+    from patchflannel.errors import PatchflannelError
+
+    shutil.copyfile(two_films[0], tmp_path / "x.png")
+    (tmp_path / "m.csv").write_text(f"image\nx.png\n{tmp_path / 'x.png'}\n")
+    with pytest.raises(PatchflannelError, match="lines 2 and 3"):
+        collect_inputs(tmp_path / "m.csv")

@@ -143,6 +143,7 @@ def _train(packs, out, **overrides):
     return train(packs, out, LearnerTrainConfig(**{**settings, **overrides}), device="cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss_and_writes_a_bundle(training_packs, tmp_path):
     """After a few epochs the exported model fits its training films better than the untrained
     start: a paired comparison, both models on the same fixed lung patches of the training
@@ -180,6 +181,7 @@ def engine_normalize(x):
     return PatchEngine([], device="cpu").normalize(x)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_exactly(packs, tmp_path):
     from patchflannel.learners.train import LearnerTrainConfig, train
 

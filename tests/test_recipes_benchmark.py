@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # trains models or starts clusters: minutes
+
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

@@ -153,6 +153,7 @@ def test_cli_exit_codes(input_folder, tmp_path, capsys):
     assert segment_main([str(tmp_path / "missing"), "--out", str(tmp_path / "c"), "--weights", weights]) == 2
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_gives_one_valid_output_per_input(input_folder, tmp_path):
     out = tmp_path / "out"
     weights = str(Path(__file__).resolve().parents[1] / "weights" / "segmenter-fcdensenet-lite")

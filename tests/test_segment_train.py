@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from patchflannel.segment import Segmenter
@@ -11,6 +12,7 @@ def tiny_config(epochs):
     return SegTrainConfig(size=64, epochs=epochs, batch_size=8, lr=3e-3)
 
 
+@pytest.mark.slow
 def test_short_training_lowers_the_loss_and_exports_a_bundle(lungseg_dir, tmp_path):
     result = train(lungseg_dir, tmp_path, tiny_config(4), device="cpu", progress=False, limit=24)
     losses = [h["train_loss"] for h in result["history"]]
@@ -33,6 +35,7 @@ def test_short_training_lowers_the_loss_and_exports_a_bundle(lungseg_dir, tmp_pa
     assert json.loads((tmp_path / "cycle2" / "bundle" / "config.json").read_text())["training"]["init_from"]
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(lungseg_dir, tmp_path):
     train(lungseg_dir, tmp_path / "straight", tiny_config(2), device="cpu", progress=False, limit=16)
     train(lungseg_dir, tmp_path / "resumed", tiny_config(2), device="cpu", progress=False, limit=16,

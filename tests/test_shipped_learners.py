@@ -55,6 +55,7 @@ def held_out(cxr4_rows):
 FLOORS = {"efficientnet_lite0": 0.45, "efficientnet_lite1": 0.45, "efficientnet_lite2": 0.40, "FLANNEL": 0.45}
 
 
+@pytest.mark.slow
 def test_held_out_films_are_classified_above_chance(held_out):
     picked, preds = held_out
     truth = [r["label"] for r in picked]
@@ -64,6 +65,7 @@ def test_held_out_films_are_classified_above_chance(held_out):
     assert all(accuracy[n] >= FLOORS[n] for n in FLOORS), accuracy
 
 
+@pytest.mark.slow
 def test_shipped_pipeline_combines_the_learners_with_flannel(held_out):
     _, preds = held_out
     assert all(p.combiner == "FLANNEL ensemble" for p in preds)

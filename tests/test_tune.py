@@ -16,6 +16,8 @@ from patchflannel.learners.train import LearnerTrainConfig, train
 
 pytest.importorskip("ray.tune", reason="pip install 'patchflannel[tune]'")
 
+pytestmark = pytest.mark.slow  # trains models or starts clusters: minutes
+
 PATCH = 96  # the 384 px packs of conftest.py
 TINY = dict(learner="resnet18", patch_size=PATCH, epochs=2, batch_size=8, val_k=2, min_lung_pixels=100)
 

@@ -9,6 +9,7 @@ a record, so a killed job resumes where it stopped. ``summary.csv`` is rewritten
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import logging
@@ -42,8 +43,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".b
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF87a", b"GIF89a")
 SUMMARY_JSONL = "summary.jsonl"
 SUMMARY_CSV = "summary.csv"
-#: Default bound on decoded pixels held by a batch job at once (about 1 GB as float32).
-MAX_PIXELS_IN_FLIGHT = 256_000_000
+#: Default bound on decoded pixels held by a batch job at once (about 0.5 GB as float32): one
+#: 100 MP film at a time, or 32 films of 4 MP.
+MAX_PIXELS_IN_FLIGHT = 128_000_000
 
 #: Fields of the jobs' records (both jobs'): a manifest column of one of these names is carried
 #: as ``manifest_<name>``.
@@ -72,16 +74,27 @@ def _relative_name(path: Path, root: Path) -> str:
     base = Path(os.path.normpath(os.path.abspath(root)))
     try:
         return absolute.relative_to(base).as_posix()
+    except ValueError:
+        pass
+    try:  # a root reached through a symbolic link
+        return Path(os.path.realpath(absolute)).relative_to(os.path.realpath(base)).as_posix()
     except ValueError:  # outside the root: a flat, unique name
         digest = hashlib.sha1(os.fsencode(absolute)).hexdigest()[:10]
         return f"_external/{path.name}-{digest}"
+
+
+def printable_name(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes of a file name that are not UTF-8 (kept by Python as
+    surrogates) become ``\\xNN`` escapes, so CSV files and packs can hold every name."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def unique_file_name(name: str, suffix: str = "") -> str:
     """A flat file name for the input called ``name``: readable (its characters that are safe in a
     file name, ``/`` as ``__``) and unique (a short hash of the whole name), e.g.
     ``images__a_b.jpg-3f2a9c1e.png``; never a path, never hidden."""
-    readable = re.sub(r"[^\w.-]+", "_", name.replace("/", "__")).lstrip(".")[:120] or "input"
+    readable = re.sub(r"[^\w.-]+", "_", printable_name(name).replace("/", "__")).lstrip(".")
+    readable = readable.encode("utf-8")[:120].decode("utf-8", "ignore") or "input"  # file names: 255 bytes
     digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f"{readable}-{digest}{suffix}"
 
@@ -120,13 +133,16 @@ def declared_pixels(path: Path) -> int:
         return 0
 
 
-def _inside(path: Path, folder: Path | None) -> bool:
-    if folder is None:
+def _is_output(path: Path, out_dir: Path | None) -> bool:
+    """``path`` is the job's output folder, or its ``overlays/`` when the output folder is the
+    input folder itself (outputs are never inputs)."""
+    if out_dir is None:
         return False
     try:
-        return path.resolve().is_relative_to(folder.resolve())
+        here, out = path.resolve(), out_dir.resolve()
     except OSError:
         return False
+    return here == out or here == out / "overlays"
 
 
 def list_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
@@ -143,7 +159,7 @@ def list_folder(folder: Path, exclude: Path | None = None) -> list[Path]:
             if sub.is_symlink():
                 if sub.suffix.lower() in IMAGE_SUFFIXES:
                     found.append(sub)  # recorded: "is a directory"
-            elif not _inside(sub, exclude):
+            elif not _is_output(sub, exclude):
                 keep.append(d)
         dirnames[:] = keep
         for f in filenames:
@@ -177,13 +193,18 @@ def collect_inputs(source: str | os.PathLike, path_column: str = "image", *, exc
         return [BatchInput(p, _relative_name(p, base)) for p in list_folder(source, exclude)]
     if source.suffix.lower() == ".csv" and source.is_file():
         base = Path(root) if root is not None else source.parent
-        inputs = []
+        inputs, lines = [], {}
         for row in read_inputs_manifest(source, path_column):
             p = Path(row.path)
             p = p if p.is_absolute() else source.parent / p
+            name = _relative_name(p, base)
+            if name in lines:
+                raise PatchflannelError(f"{source}: lines {lines[name]} and {row.line} name the same file ({name}); "
+                                        "list each file once")
+            lines[name] = row.line
             # A manifest column never overwrites a field of the jobs' own records.
             columns = {(f"manifest_{k}" if k in RECORD_FIELDS else k): v for k, v in row.columns.items()}
-            inputs.append(BatchInput(p, _relative_name(p, base), columns))
+            inputs.append(BatchInput(p, name, columns))
         return inputs
     if source.exists() or source.is_symlink():
         return [BatchInput(source, source.name)]
@@ -204,7 +225,7 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-check.", suffix=".tmp")
         os.close(fd)
-        os.unlink(probe)
+        Path(probe).unlink(missing_ok=True)  # a shard sharing the folder may have cleaned it up
     except OSError as exc:
         raise PatchflannelError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from exc
     return out_dir
@@ -220,7 +241,12 @@ def exit_status(counts: dict) -> int:
 
 
 def output_path(out_dir: Path, name: str) -> Path:
-    """``<out_dir>/<name>.npz``, refusing names that would land outside ``out_dir``."""
+    """``<out_dir>/<name>.npz``, refusing names that would land outside ``out_dir``; a file name
+    too long for the file system once ``.npz`` and a temporary suffix are added is shortened
+    (readable start + a hash of the whole name, see :func:`unique_file_name`)."""
+    leaf = Path(name).name
+    if len(os.fsencode(leaf)) > 200:  # 255 bytes per name, less ``.npz`` and the temporary file's marks
+        name = (Path(name).parent / unique_file_name(leaf)).as_posix()
     out = (out_dir / f"{name}.npz").resolve()
     if not out.is_relative_to(out_dir.resolve()):
         raise PatchflannelError(f"output name {name!r} would escape the output folder")
@@ -271,8 +297,11 @@ def _temp_target(tmp: Path, out_dir: Path) -> str:
 def remove_stale_temp_files(out_dir: Path, shard: Shard | None = None) -> int:
     """Delete temporary files a killed run left behind: all of them, or only those of
     ``shard``'s inputs when shards share the folder (the others may be live)."""
+    # A shard cannot tell whose an overlay's temporary file is (its name is flattened): those
+    # are removed by unsharded runs and by --merge.
     stale = [p for p in out_dir.rglob(".*.tmp")
-             if p.is_file() and (shard is None or shard.owns(_temp_target(p, out_dir)))]
+             if p.is_file() and (shard is None or (p.parent.name != "overlays"
+                                                   and shard.owns(_temp_target(p, out_dir))))]
     for p in stale:
         p.unlink(missing_ok=True)
     if stale:
@@ -283,7 +312,7 @@ def remove_stale_temp_files(out_dir: Path, shard: Shard | None = None) -> int:
 def remove_stale_pack(h5_path) -> None:
     """Delete the temporary files of a killed pack write beside ``h5_path``."""
     h5_path = Path(h5_path)
-    for stale in h5_path.parent.glob(f".{h5_path.name}.*.tmp"):
+    for stale in h5_path.parent.glob(f".{glob.escape(h5_path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted pack write", stale)
 
@@ -361,10 +390,10 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
     # (read from its header) before decoding, and released when its record is written.
     window = max(2 * batch_size, 4 * workers)
     reserved = {"pixels": 0}
-    sizes: dict[str, int] = {}
+    sizes: dict[int, int] = {}  # id(item) -> reserved pixels
 
     def release(item: BatchInput) -> None:
-        reserved["pixels"] -= sizes.pop(item.name, 0)
+        reserved["pixels"] -= sizes.pop(id(item), 0)
 
     bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=not progress)
     try:
@@ -375,11 +404,12 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
 
             def refill():
                 while queue and len(decoding) < window:
-                    size = declared_pixels(queue[0].path)
+                    if id(queue[0]) not in sizes:
+                        sizes[id(queue[0])] = declared_pixels(queue[0].path)  # read once
+                    size = sizes[id(queue[0])]
                     if reserved["pixels"] and reserved["pixels"] + size > max_pixels_in_flight:
                         return  # wait for what is held to be written
                     item = queue.popleft()
-                    sizes[item.name] = size
                     reserved["pixels"] += size
                     decoding.append((item, pool.submit(decode, item)))
 
@@ -438,7 +468,8 @@ def write_pack(inputs: list[BatchInput], records: dict[str, dict], out_dir: Path
     ok = [(x, records[x.name]) for x in inputs if records.get(x.name, {}).get("status") == "ok"]
     if ok:
         cols = sorted({k for x, _ in ok for k in x.columns})
-        columns = {"input": [x.name for x, _ in ok], **{k: [x.columns.get(k, "") for x, _ in ok] for k in cols}}
+        columns = {"input": [printable_name(x.name) for x, _ in ok],
+                   **{k: [x.columns.get(k, "") for x, _ in ok] for k in cols}}
         pack_npz_files([out_dir / rec["output"] for _, rec in ok], h5_path, columns)
 
 
@@ -462,7 +493,7 @@ def merge_shards(source, out_dir, *, path_column: str = "image", h5_path=None) -
     the HDF5 pack), in input order, then remove them; returns counts by status and how many
     inputs no shard has done yet."""
     out_dir = Path(out_dir)
-    inputs = collect_inputs(source, path_column)
+    inputs = collect_inputs(source, path_column, exclude=out_dir)
     ordered = merge_logs(out_dir, SUMMARY_JSONL, [x.name for x in inputs])
     records = {r["input"]: r for r in ordered}
     write_summary_csv(out_dir, records)
@@ -478,10 +509,10 @@ def write_summary_csv(out_dir: Path, records: dict[str, dict]) -> None:
     fields = ["input", "status", "reason", "output", "lung_fraction", "orig_shape", "path"]
 
     def write(tmp):
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # any file name
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             w.writeheader()
             for rec in records.values():
-                w.writerow(rec)
+                w.writerow({k: printable_name(v) if isinstance(v, str) else v for k, v in rec.items()})
 
     atomic_write(out_dir / SUMMARY_CSV, write)
