@@ -209,9 +209,12 @@ def main(argv=None) -> int:
             return 0 if not counts["missing"] else 1
         shard = Shard.parse(args.shard)
         # Inputs and the output folder are checked before any model loads.
+        created = not args.out.exists()
         out_dir = prepare_out_dir(args.out)
         items = collect_inputs(args.input, exclude=out_dir)
         if not items:
+            if created:
+                out_dir.rmdir()  # leave no empty --out behind
             print(f"error: {args.input}: no images found", file=sys.stderr)
             return exit_status({"total": 0, "ok": 0})
         settings = {k: v for k, v in (("k", args.k), ("seed", args.seed)) if v is not None}

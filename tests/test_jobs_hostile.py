@@ -197,7 +197,7 @@ def test_both_jobs_check_inputs_before_loading_models_and_share_exit_codes(tmp_p
     (tmp_path / "file").write_text("x")
     for main in (predict_main, segment_main):
         assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o1")]) == 1  # nothing to do
-        assert "no images found" in capsys.readouterr().err
+        assert "no images found" in capsys.readouterr().err and not (tmp_path / "o1").exists()
         assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2  # usage
         assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "file")]) == 2  # --out is a file
         assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "file" / "sub")]) == 2

@@ -65,3 +65,11 @@ def test_readme_example_runs(index, example_folder, monkeypatch):
     exec(compile(block, f"README.md example {index}", "exec"), namespace)  # noqa: S102 - our own README
     if "pred" in namespace and hasattr(namespace["pred"], "ok"):
         assert namespace["pred"].ok, namespace["pred"].rejection
+
+
+def test_readme_results_are_generated_from_the_benchmark_json():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_results.py"), "--check"])
+    assert proc.returncode == 0, "README.md differs from benchmarks/results: run python benchmarks/readme_results.py"

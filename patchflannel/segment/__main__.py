@@ -65,8 +65,11 @@ def main(argv=None) -> int:
         if shard is not None and args.h5:
             p.error("--h5 is written by --merge once every shard has finished")
         # Inputs and the output folder are checked before the model loads.
+        created = not args.out.exists()
         out_dir = prepare_out_dir(args.out)
         if not collect_inputs(args.input, args.path_column, exclude=out_dir):
+            if created:
+                out_dir.rmdir()  # leave no empty --out behind
             print(f"error: {args.input}: no images found", file=sys.stderr)
             return exit_status({"total": 0, "ok": 0})
         segmenter = Segmenter.from_bundle(args.weights, device=args.device, amp=not args.no_amp,
