@@ -50,7 +50,7 @@ def check_timm_name(name, what: str = "timm model") -> str:
                          "use a plain timm architecture name (timm.list_models()) and local weights")
     import timm
 
-    if name not in timm.list_models():
+    if not timm.is_model(name):  # the registry itself: timm.list_models() takes seconds
         raise ValueError(f"unknown {what} {name!r}: not a timm architecture (timm.list_models())")
     return name
 
