@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PatchflannelError
-from .training import atomic_write
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,21 @@ def cross_validation():
     return module
 
 
-def test_quick_fold_trains_stacks_on_validation_predictions_and_resumes(cross_validation, packs, tmp_path):
-    out = tmp_path / "cv"
-    argv = ["--packs", *map(str, packs), "--image-roots", *(str(p.with_suffix("")) for p in packs),
-            "--out", str(out), "--n-folds", "3", "--folds", "0", "--learners", "resnet18", "mobilenet_v3_small",
-            "--quick", "--no-progress"]
-    summary = cross_validation.main(argv)
+def _common(packs) -> list[str]:
+    return ["--packs", *map(str, packs), "--image-roots", *(str(p.with_suffix("")) for p in packs),
+            "--n-folds", "3", "--folds", "0", "--learners", "resnet18", "mobilenet_v3_small", "--quick", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def quick_fold(cross_validation, packs, tmp_path_factory):
+    """One quick fold run as one job (shared: the scheduler test compares its jobs with it)."""
+    out = tmp_path_factory.mktemp("cv") / "cv"
+    argv = [*_common(packs), "--out", str(out)]
+    return out, argv, cross_validation.main(argv)
+
+
+def test_quick_fold_trains_stacks_on_validation_predictions_and_resumes(cross_validation, quick_fold):
+    out, argv, summary = quick_fold
 
     folds = read_folds(out / "folds.csv")  # also checks that no patient crosses folds
     assert {r["fold"] for r in folds} == {0, 1, 2}
@@ -62,19 +71,20 @@ def test_quick_fold_trains_stacks_on_validation_predictions_and_resumes(cross_va
     assert "temperature" in result["calibration"] and "ece" in result["models"]["FLANNEL ensemble"]
 
 
-def test_jobs_and_collector_reproduce_the_single_run(cross_validation, packs, tmp_path, capsys):
+def test_jobs_and_collector_reproduce_the_single_run(cross_validation, packs, quick_fold, tmp_path, capsys):
     """A scheduler's view: one job per fold x member, then the collector; same result."""
-    common = ["--packs", *map(str, packs), "--image-roots", *(str(p.with_suffix("")) for p in packs),
-              "--n-folds", "3", "--folds", "0", "--learners", "resnet18", "--quick", "--no-progress"]
+    common = _common(packs)
     cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--print-jobs"])
     commands = capsys.readouterr().out.strip().splitlines()
-    assert len(commands) == 3 and commands[-1].endswith("--job collect")  # resnet18, whole_image, collect
-    cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--job", "resnet18"])
+    # resnet18, mobilenet_v3_small, whole_image, collect
+    assert len(commands) == 4 and commands[-1].endswith("--job collect")
+    for job in ("resnet18", "mobilenet_v3_small"):
+        cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--job", job])
     with pytest.raises(SystemExit, match="no fold has finished"):  # the baseline job has not run
         cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--job", "collect"])
     for job in ("whole_image", "collect"):
         cross_validation.main([*common, "--out", str(tmp_path / "jobs"), "--job", job])
-    single = cross_validation.main([*common, "--out", str(tmp_path / "single")])
+    single = quick_fold[2]
     jobs = json.loads((tmp_path / "jobs" / "summary.json").read_text())
     for name in single["models"]:
         assert jobs["models"][name]["macro_f1"] == single["models"][name]["macro_f1"]
