@@ -1,7 +1,7 @@
-"""Rewrite the README's generated result blocks from the benchmark JSON in benchmarks/results/.
+"""Rewrite the generated result blocks of README.md and docs/*.md from benchmarks/results/.
 
-    python benchmarks/readme_results.py          # rewrite README.md in place
-    python benchmarks/readme_results.py --check  # exit 1 if README.md is out of date
+    python benchmarks/readme_results.py          # rewrite them in place
+    python benchmarks/readme_results.py --check  # exit 1 if one is out of date
 
 A generated block sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; its
 text comes only from ``benchmarks/results/NAME.json`` through the renderer of that name below,
@@ -90,13 +90,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    path = REPO / "README.md"
-    text = path.read_text()
-    new = render(text)
-    if args.check:
-        return int(new != text)
-    path.write_text(new)
-    return 0
+    stale = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(new)
+    return int(bool(stale) and args.check)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Every Python example of the README runs, as written, on real films (with K lowered for speed).
+"""Every Python example of the README and docs/ runs, as written, on real films (K lowered for speed).
 
 The examples name files (``chest.dcm``, ``a.png``, a masked ``.npz``...): the test makes them
 from real cxr4 films in a fresh folder and runs each block there, so the examples also hold
@@ -14,7 +14,8 @@ import pytest
 from .conftest import REPO
 from .test_io import _dicom
 
-BLOCKS = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+BLOCKS = [block for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+          for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
 # Needs a Ray cluster and a job list made by an earlier command; its parts are Ray's own API.
 NOT_RUN = {"ray.remote": "starts a Ray cluster for the cross-validation jobs"}
 SMALL_K = 4
@@ -72,4 +73,4 @@ def test_readme_results_are_generated_from_the_benchmark_json():
     import sys
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_results.py"), "--check"])
-    assert proc.returncode == 0, "README.md differs from benchmarks/results: run python benchmarks/readme_results.py"
+    assert proc.returncode == 0, "README.md or docs/ differ from benchmarks/results: run benchmarks/readme_results.py"
