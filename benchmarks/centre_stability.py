@@ -32,7 +32,6 @@ from patchflannel.data import read_manifest
 from patchflannel.io import load_image
 from patchflannel.patches import image_seed, sample_centres
 from patchflannel.training import CPU_BF16_ENV
-from patchflannel.preprocess import Letterbox
 
 
 def pick_films(data: Path, n: int) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from patchflannel.training import atomic_write
+from patchflannel.files import atomic_write
 
 #: The manifest's columns, in order (as in ``cxr4/manifest.csv``).
 COLUMNS = ("image", "label", "patient_id", "source", "view", "orig_width", "orig_height")

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import WeightsError
-from .training import atomic_write
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 

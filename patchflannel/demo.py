@@ -28,7 +28,7 @@ from .errors import PatchflannelError
 from .io import load_image
 from .learners.registry import CLASSES
 from .preprocess import Letterbox
-from .training import atomic_write
+from .files import atomic_write
 from .viz import contact_sheet, explanation_figure, mask_overlay
 
 

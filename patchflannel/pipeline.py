@@ -37,7 +37,7 @@ from .learners.evaluate import FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
 from .learners.registry import CLASSES, Normalization
 from .patches import image_seed
 from .segment.segmenter import Segmenter
-from .training import atomic_write
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from .segment.batch import (
     collect_inputs,
     drop_torn_tail,
     exit_status,
+    job_inputs,
     merge_logs,
     prepare_out_dir,
     printable_name,
@@ -44,7 +45,7 @@ from .segment.batch import (
     unique_file_name,
 )
 from .shard import Shard
-from .training import atomic_write
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 JSONL, CSV = "predictions.jsonl", "predictions.csv"
@@ -209,12 +210,8 @@ def main(argv=None) -> int:
             return 0 if not counts["missing"] else 1
         shard = Shard.parse(args.shard)
         # Inputs and the output folder are checked before any model loads.
-        created = not args.out.exists()
-        out_dir = prepare_out_dir(args.out)
-        items = collect_inputs(args.input, exclude=out_dir)
+        out_dir, items = job_inputs(args.input, args.out)
         if not items:
-            if created:
-                out_dir.rmdir()  # leave no empty --out behind
             print(f"error: {args.input}: no images found", file=sys.stderr)
             return exit_status({"total": 0, "ok": 0})
         settings = {k: v for k, v in (("k", args.k), ("seed", args.seed)) if v is not None}

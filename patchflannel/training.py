@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write  # noqa: F401 - its earlier home; kept importable here
+from .files import atomic_write
 
 
 def seed_everything(seed: int) -> None:

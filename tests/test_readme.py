@@ -5,7 +5,6 @@ from real cxr4 films in a fresh folder and runs each block there, so the example
 outside the repository."""
 import re
 import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np

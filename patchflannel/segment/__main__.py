@@ -25,10 +25,9 @@ from ..store import PackWriteError
 from .batch import (
     EXIT_NOTHING_DONE,
     EXIT_USAGE,
-    collect_inputs,
     exit_status,
+    job_inputs,
     merge_shards,
-    prepare_out_dir,
     run_batch,
 )
 from .segmenter import Segmenter
@@ -65,19 +64,16 @@ def main(argv=None) -> int:
         if shard is not None and args.h5:
             p.error("--h5 is written by --merge once every shard has finished")
         # Inputs and the output folder are checked before the model loads.
-        created = not args.out.exists()
-        out_dir = prepare_out_dir(args.out)
-        if not collect_inputs(args.input, args.path_column, exclude=out_dir):
-            if created:
-                out_dir.rmdir()  # leave no empty --out behind
+        out_dir, items = job_inputs(args.input, args.out, args.path_column)
+        if not items:
             print(f"error: {args.input}: no images found", file=sys.stderr)
             return exit_status({"total": 0, "ok": 0})
         segmenter = Segmenter.from_bundle(args.weights, device=args.device, amp=not args.no_amp,
                                           working_size=args.working_size, batch_size=args.batch_size)
-        counts = run_batch(args.input, args.out, segmenter, batch_size=args.batch_size, workers=args.workers,
+        counts = run_batch(args.input, out_dir, segmenter, batch_size=args.batch_size, workers=args.workers,
                            path_column=args.path_column, keep_unmasked=args.keep_unmasked,
                            retry_failed=args.retry_failed, h5_path=args.h5, progress=not args.no_progress,
-                           limit=args.limit, shard=shard)
+                           limit=args.limit, shard=shard, items=items)
     except PackWriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NOTHING_DONE

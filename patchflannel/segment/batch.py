@@ -30,7 +30,7 @@ from ..errors import PatchflannelError
 from ..io import load_image
 from ..shard import Shard, shard_logs
 from ..store import pack_npz_files, write_masked_npz
-from ..training import atomic_write
+from ..files import atomic_write
 from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,18 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
+def job_inputs(source, out_dir, path_column: str = "image") -> tuple[Path, list[BatchInput]]:
+    """What both batch jobs check before any model loads: the output folder (created, writable)
+    and the inputs (never the output folder's own files). With no inputs, a folder created just
+    now is removed again, so nothing is left behind."""
+    created = not Path(out_dir).exists()
+    out = prepare_out_dir(out_dir)
+    items = collect_inputs(source, path_column, exclude=out)
+    if not items and created:
+        out.rmdir()
+    return out, items
+
+
 def exit_status(counts: dict) -> int:
     """The jobs' shared exit code: 0 when something was done (or everything was already done), 1
     when inputs were attempted and none succeeded, or there were none."""
@@ -328,19 +340,23 @@ def _finished(rec: dict | None, out_dir: Path, retry_failed: bool) -> bool:
 def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, workers: int = 2,
               path_column: str = "image", keep_unmasked: bool = False, retry_failed: bool = False,
               h5_path=None, progress: bool = True, limit: int | None = None, shard: Shard | None = None,
-              max_pixels_in_flight: int = MAX_PIXELS_IN_FLIGHT, root=None) -> dict:
+              max_pixels_in_flight: int = MAX_PIXELS_IN_FLIGHT, root=None,
+              items: list[BatchInput] | None = None) -> dict:
     """Segment every input of ``source`` into ``out_dir``; returns counts by status.
 
     With ``shard``, only that shard's inputs (see :mod:`patchflannel.shard`), logged to the
     shard's own summary; :func:`merge_shards` then writes the folder's summary and pack.
 
     ``max_pixels_in_flight`` bounds the decoded pixels held at once (one larger image still
-    runs, alone); ``root`` is the folder output names are relative to (see :func:`collect_inputs`).
+    runs, alone); ``root`` is the folder output names are relative to (see :func:`collect_inputs`);
+    ``items``: the inputs, if already listed (:func:`job_inputs`).
 
     Returns ``{"ok", "rejected", "error", "skipped", "total"}`` for this run.
     """
     out_dir = prepare_out_dir(out_dir)
-    inputs = collect_inputs(source, path_column, exclude=out_dir, root=root)[:limit]
+    if items is None:
+        items = collect_inputs(source, path_column, exclude=out_dir, root=root)
+    inputs = items[:limit]
     if shard is not None:
         inputs = [x for x in inputs if shard.owns(x.name)]
     log_path = out_dir / (shard.log_name(SUMMARY_JSONL) if shard else SUMMARY_JSONL)

@@ -37,9 +37,9 @@ from ..distributed import setup, unwrap, wrap
 from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
+from ..files import atomic_write
 from ..training import (
     LRPolicy,
-    atomic_write,
     grad_scaler,
     optimization_step,
     resolve_device,
