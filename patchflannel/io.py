@@ -1012,6 +1012,27 @@ def load_image(path: str | os.PathLike, *, limits: ImageLimits = ImageLimits()) 
             raise InvalidImageError(path, f"cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
+def declared_pixels(path: str | os.PathLike) -> int:
+    """The pixels (rows x columns) ``path``'s header declares, read without decoding: what a batch
+    job reserves for it before decoding. 0 when it cannot tell (:func:`load_image` then refuses
+    the file, quickly)."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return 0
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if head[128:132] == b"DICM" or path.suffix.lower() in _DICOM_SUFFIXES:
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        with Image.open(path) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:  # noqa: BLE001 - unreadable headers are the decoder's to report
+        return 0
+
+
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a lung mask image (any non-zero pixel is lung) as a bool ``(H, W)`` array."""
     return load_image(path, limits=ImageLimits(min_side=1)) > 0.5

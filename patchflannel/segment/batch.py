@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import PatchflannelError
-from ..io import load_image
+from ..io import declared_pixels, load_image
 from ..shard import Shard, shard_logs
 from ..store import pack_npz_files, write_masked_npz
 from ..files import atomic_write
@@ -110,27 +110,6 @@ def _looks_like_image(path: Path) -> bool:
     except OSError:
         return False
     return head[128:132] == b"DICM" or head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-
-
-def declared_pixels(path: Path) -> int:
-    """The pixels ``path``'s header declares (all frames), read without decoding; 0 when it cannot
-    tell (the decoder then refuses the file, quickly)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return 0
-        with open(path, "rb") as f:
-            head = f.read(132)
-        if head[128:132] == b"DICM" or path.suffix.lower() in {".dcm", ".dicom", ".dic"}:
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return int(im.size[0]) * int(im.size[1])
-    except Exception:  # noqa: BLE001 - unreadable headers are the decoder's to report
-        return 0
 
 
 def _is_output(path: Path, out_dir: Path | None) -> bool:
