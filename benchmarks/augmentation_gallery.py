@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from patchflannel.augment import Augmentation
+from patchflannel.training.augment import Augmentation
 from patchflannel.learners.data import load_masked_set, read_rows
 from patchflannel.learners.train import draw_patches
 from patchflannel.viz import contact_sheet

@@ -28,10 +28,10 @@ import torch
 from _report import emit  # benchmarks/ is first on sys.path when a script runs
 
 from patchflannel import Pipeline
-from patchflannel.data import read_manifest
+from patchflannel.manifest import read_manifest
 from patchflannel.io import load_image
 from patchflannel.patches import image_seed, sample_centres
-from patchflannel.training import CPU_BF16_ENV
+from patchflannel.devices import CPU_BF16_ENV
 
 
 def pick_films(data: Path, n: int) -> list[str]:

@@ -64,7 +64,7 @@ def _worker(rank, world, port, name, batch, steps, warmup, threads, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    from patchflannel.distributed import setup, wrap
+    from patchflannel.training.distributed import setup, wrap
 
     place, device = setup(torch.device("cpu"))
     builder, side, loss = MODELS[name]

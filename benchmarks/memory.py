@@ -38,7 +38,7 @@ if case == "explain":
     out = {"label": pred.label}
 elif case == "huge_films":
     from patchflannel.segment import Segmenter
-    from patchflannel.segment.batch import run_batch
+    from patchflannel.segment.job import run_batch
     seg = Segmenter.from_bundle(device="cpu", working_size=1024)
     before = peak()
     counts = run_batch(arg["folder"], arg["out"], seg, batch_size=4, workers=2, progress=False,
@@ -72,8 +72,8 @@ def main(argv=None) -> dict:
     import cv2
     import numpy as np
 
-    from patchflannel.data import read_manifest
-    from patchflannel.segment.batch import MAX_PIXELS_IN_FLIGHT
+    from patchflannel.manifest import read_manifest
+    from patchflannel.jobs.shell import MAX_PIXELS_IN_FLIGHT
 
     rows = read_manifest(args.data / "cxr4" / "manifest.csv")
     report: dict = {"benchmark": "memory"}

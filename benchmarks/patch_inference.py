@@ -37,7 +37,7 @@ import torch
 from _report import emit  # benchmarks/ is first on sys.path when a script runs
 from PIL import Image
 
-from patchflannel.data import read_manifest
+from patchflannel.manifest import read_manifest
 from patchflannel.io import load_image
 from patchflannel.learners import PRESETS, PatchEngine, create_learner
 from patchflannel.learners.bundle import load_learner_set

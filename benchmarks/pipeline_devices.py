@@ -24,7 +24,7 @@ import torch
 from _report import emit  # benchmarks/ is first on sys.path when a script runs
 
 from patchflannel import Pipeline
-from patchflannel.data import read_manifest
+from patchflannel.manifest import read_manifest
 
 
 def main(argv=None) -> dict:

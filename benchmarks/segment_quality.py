@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from _report import emit  # benchmarks/ is first on sys.path when a script runs
 
-from patchflannel.cv import read_split
-from patchflannel.data import read_manifest
+from patchflannel.evaluation.splits import read_split
+from patchflannel.manifest import read_manifest
 from patchflannel.io import load_image, load_mask
 from patchflannel.segment import Segmenter
-from patchflannel.segment.train import jaccard_dice
+from patchflannel.evaluation.metrics import jaccard_dice
 
 
 def summarise(scores: list[tuple[float, float]]) -> dict:

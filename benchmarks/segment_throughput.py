@@ -25,10 +25,10 @@ from pathlib import Path
 
 from _report import emit  # benchmarks/ is first on sys.path when a script runs
 
-from patchflannel.data import read_manifest
+from patchflannel.manifest import read_manifest
 from patchflannel.io import load_image
 from patchflannel.segment import Segmenter
-from patchflannel.segment.batch import run_batch
+from patchflannel.segment.job import run_batch
 
 
 def write_manifest(rows: list[dict], path: Path) -> None:
@@ -42,7 +42,7 @@ def peak_rss_mib(manifest: Path, weights, batch_size: int, workers: int) -> floa
     """Run the batch job in a fresh process; return its peak resident memory in MiB."""
     code = (
         "import resource, sys, tempfile; from pathlib import Path;"
-        "from patchflannel.segment import Segmenter; from patchflannel.segment.batch import run_batch;"
+        "from patchflannel.segment import Segmenter; from patchflannel.segment.job import run_batch;"
         f"s = Segmenter.from_bundle({str(weights)!r} if {weights is not None} else None, device='cpu');"
         f"run_batch(Path({str(manifest)!r}), Path(tempfile.mkdtemp()), s, batch_size={batch_size},"
         f" workers={workers}, progress=False);"

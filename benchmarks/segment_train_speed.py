@@ -27,7 +27,7 @@ def one(preset: str, size: int, variant: str, batch: int, steps: int) -> dict:
     import torch
 
     from patchflannel.segment import create_fcdensenet
-    from patchflannel.segment.train import dice_bce_loss
+    from patchflannel.losses import dice_bce_loss
 
     torch.manual_seed(0)
     amp = variant != "fp32"

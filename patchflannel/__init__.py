@@ -33,9 +33,9 @@ __version__ = "0.1.0"
 
 # Imported on first use, so `import patchflannel` stays light (no torch until needed).
 _LAZY = {
-    "FocalLoss": "ensemble", "FlannelWeightModule": "ensemble",
+    "FocalLoss": "losses", "FlannelWeightModule": "ensemble",
     "PatchEngine": "learners", "create_learner": "learners",
-    "Pipeline": "pipeline", "Prediction": "pipeline", "write_predictions": "pipeline",
+    "Pipeline": "pipeline", "Prediction": "pipeline", "write_predictions": "jobs.records",
     "Segmenter": "segment", "load_image": "io",
 }
 

@@ -22,10 +22,7 @@ Weights load with safetensors only, so no pickled code can run. Nothing is downl
 architecture names that could reach a model hub are refused before anything is built
 (see :func:`patchflannel.pretrained.check_timm_name`).
 
-Bundle paths: :func:`resolve_bundle` takes an existing path as it is, and otherwise
-finds ``weights/<name>`` or a bare ``<name>`` among the bundles shipped in the
-repository's ``weights/`` folder, so the shipped bundles can be named from any working
-directory.
+Bundle paths and names: :func:`patchflannel.hub.resolve_bundle`.
 """
 from __future__ import annotations
 
@@ -41,6 +38,13 @@ from safetensors.torch import load_file, save_file
 
 from .errors import WeightsError
 from .files import atomic_write
+from .hub import resolve_bundle, weights_dir
+
+__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "HASH_KEYS", "PIPELINE_FILE", "UNVERIFIED_ENV", "WEIGHTS_FILE",
+           "build_from_config", "bundle_folders", "canonical_json", "check_config_hash",
+           "check_format_version", "config_digest", "load_state", "main", "read_bundle", "read_config",
+           "read_json", "read_pipeline_spec", "rehash_bundle", "sha256_file", "verification_skipped",
+           "verify_bundle", "write_bundle", "write_pipeline_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,12 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PIPELINE_FILE = "pipeline.json"
 #: The repository's folder of shipped bundles.
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 #: Set to ``1`` to load bundles whose hashes are missing or do not match (with a warning).
 UNVERIFIED_ENV = "PATCHFLANNEL_UNVERIFIED_BUNDLES"
 HASH_KEYS = ("weights_sha256", "config_sha256")
+#: The version of the bundle format this library writes (``format_version`` in every config.json and
+#: pipeline.json); a config without one predates it (version 0, read with the documented defaults).
+FORMAT_VERSION = 1
 
 _RESTORE_HINT = "restore the bundle from the repository (or re-save it)"
 _REHASH_HINT = (f"{_RESTORE_HINT}; if you edited it on purpose, record "
@@ -89,52 +95,6 @@ def verification_skipped(verify: bool = True) -> bool:
     return not verify or os.environ.get(UNVERIFIED_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-# --- paths ---------------------------------------------------------------------------------------------------
-
-
-def shipped_bundles() -> list[str]:
-    """Names of the bundles (and learner sets) in the repository's ``weights/`` folder."""
-    if not WEIGHTS.is_dir():
-        return []
-    return sorted(p.name for p in WEIGHTS.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def resolve_bundle(path: str | os.PathLike, what: str = "bundle") -> Path:
-    """The folder ``path`` names, wherever the program runs.
-
-    An existing path is used as it is. Otherwise a relative ``weights/<name>`` (also
-    ``../weights/<name>``...) or a bare ``<name>`` (``segmenter-unet-lite0``,
-    ``learners-lite/resnet18``) that names a bundle shipped in the repository's
-    ``weights/`` folder resolves there.
-
-    Raises:
-        WeightsError: neither; the message lists the shipped bundles.
-    """
-    p = Path(path)
-    if p.exists():
-        return p
-    if not p.is_absolute():
-        parts = list(p.parts)
-        lead = 0
-        while lead < len(parts) and parts[lead] in (".", ".."):
-            lead += 1
-        rest = parts[lead:]
-        if rest and rest[0] == "weights":
-            rest = rest[1:]
-        elif lead:
-            rest = []  # ../<name> is a path of the caller's, not a shipped name
-        if rest and ".." not in rest:
-            candidate = WEIGHTS.joinpath(*rest)
-            if candidate.exists():
-                return candidate
-    names = ", ".join(shipped_bundles()) or "none"
-    raise WeightsError(f"{what} not found at {p} (resolved from {Path.cwd()}): pass an existing folder, or the name "
-                       f"of a bundle shipped in {WEIGHTS} ({names})")
-
-
-# --- writing -------------------------------------------------------------------------------------------------
-
-
 def write_bundle(folder: str | os.PathLike, model: torch.nn.Module, config: dict, *,
                  dtype: torch.dtype = torch.float32) -> None:
     """Write ``model``'s state (floating tensors as ``dtype``) and ``config`` plus both hashes
@@ -145,7 +105,7 @@ def write_bundle(folder: str | os.PathLike, model: torch.nn.Module, config: dict
                for k, v in model.state_dict().items()}
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
     config = {k: v for k, v in config.items() if k not in (*HASH_KEYS, "weights_dtype")}
-    config = _with_hash({**config, "weights_dtype": str(dtype).removeprefix("torch."),
+    config = _with_hash({"format_version": FORMAT_VERSION, **config, "weights_dtype": str(dtype).removeprefix("torch."),
                          "weights_sha256": sha256_file(folder / WEIGHTS_FILE)})
     atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
@@ -196,10 +156,22 @@ def read_config(folder: str | os.PathLike, what: str = "model", *, verify: bool 
                            f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     config = read_json(config_path, f"{what} config")
     check_config_hash(config, config_path, verify=verify)
+    check_format_version(config, config_path)
     missing = [k for k in required if k not in config]
     if missing:
         raise WeightsError(f"{config_path} lacks {missing}: not a {what} bundle config")
     return config
+
+
+def check_format_version(config: dict, path: Path) -> int:
+    """The config's ``format_version`` (0 when absent); a newer one than this library's is refused."""
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise WeightsError(f"{path}: 'format_version' must be a non-negative integer, not {version!r}")
+    if version > FORMAT_VERSION:
+        raise WeightsError(f"{path}: bundle format {version} is newer than this library's ({FORMAT_VERSION}); "
+                           "upgrade patchflannel to load it")
+    return version
 
 
 def read_bundle(folder: str | os.PathLike, what: str = "model", *, verify: bool = True,
@@ -304,6 +276,7 @@ def read_pipeline_spec(folder: str | os.PathLike, *, verify: bool = True) -> dic
                            f"Pipeline.save_pretrained, or the repository's weights/pipeline-lite)")
     spec = read_json(path, "pipeline spec")
     check_config_hash(spec, path, verify=verify)
+    check_format_version(spec, path)
     _check_pipeline_spec(spec, path)
     return spec
 
@@ -311,7 +284,7 @@ def read_pipeline_spec(folder: str | os.PathLike, *, verify: bool = True) -> dic
 def write_pipeline_spec(folder: str | os.PathLike, spec: dict) -> None:
     """Write ``spec`` as ``folder/pipeline.json`` with its ``config_sha256``, atomically."""
     path = Path(folder) / PIPELINE_FILE
-    spec = _with_hash(spec)
+    spec = _with_hash({"format_version": FORMAT_VERSION, **spec})
     _check_pipeline_spec(spec, path)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2) + "\n"))
 
@@ -358,9 +331,10 @@ def rehash_bundle(folder: str | os.PathLike, *, weights: bool = False) -> dict:
     return config
 
 
-def bundle_folders(root: str | os.PathLike = WEIGHTS) -> list[Path]:
-    """Every bundle (folder with config.json) and pipeline folder (pipeline.json) under ``root``."""
-    root = Path(root)
+def bundle_folders(root: str | os.PathLike | None = None) -> list[Path]:
+    """Every bundle (folder with config.json) and pipeline folder (pipeline.json) under ``root``
+    (default: the shipped bundles' folder)."""
+    root = Path(root) if root is not None else weights_dir()
     found = {p.parent for name in (CONFIG_FILE, PIPELINE_FILE) for p in root.rglob(name)}
     return sorted(found)
 
@@ -373,7 +347,7 @@ def verify_bundle(folder: str | os.PathLike) -> dict:
     return read_bundle(folder)[1]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m patchflannel.bundle",
@@ -388,7 +362,7 @@ def main(argv=None) -> None:
         for folder in args.folders:
             rehash_bundle(folder, weights=args.weights)
             print(f"rehashed {folder}")
-        return
+        return 0
     failed = 0
     for folder in args.folders or bundle_folders():
         try:
@@ -397,9 +371,8 @@ def main(argv=None) -> None:
         except WeightsError as exc:
             failed += 1
             print(f"FAILED  {folder}: {exc}")
-    if failed:
-        raise SystemExit(1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

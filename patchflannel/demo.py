@@ -22,14 +22,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .cv import read_split
-from .data import read_manifest
+from .evaluation.splits import read_split
+from .manifest import read_manifest
 from .errors import PatchflannelError
 from .io import load_image
-from .learners.registry import CLASSES
+from .labels import CLASSES
 from .preprocess import Letterbox
 from .files import atomic_write
 from .viz import contact_sheet, explanation_figure, mask_overlay
+
+__all__ = ["film_tile", "main", "sample_rows", "write_report"]
 
 
 def sample_rows(rows: list[dict], per_group: int, seed: int) -> list[dict]:
@@ -100,15 +102,18 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pipeline", type=Path, default=None, help="pipeline bundle (default: weights/pipeline-lite)")
     p.add_argument("--k", type=int, default=32, help="patches per film")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, ...")
     args = p.parse_args(argv)
 
+    from .hub import default_bundle
     from .pipeline import Pipeline
-    from .predict import record_for, write_csv
-    from .segment.batch import collect_inputs, run_batch
+    from .jobs.records import prediction_record, write_prediction_csv
+    from .jobs.shell import collect_inputs
+    from .segment.job import run_batch
 
     try:
         rows = sample_rows(read_manifest(args.data / "cxr4" / "manifest.csv"), args.per_group, args.seed)
-        pipeline = Pipeline.from_pretrained(args.pipeline, k=args.k)
+        pipeline = Pipeline.from_pretrained(args.pipeline, k=args.k, device=args.device)
     except PatchflannelError as exc:
         raise SystemExit(f"error: {exc} (the demo reads <data>/cxr4; pass --data or set PATCHFLANNEL_DATA)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -124,8 +129,9 @@ def main(argv=None) -> None:
     items = collect_inputs(manifest, root=cxr4)
     preds = pipeline.predict([it.path for it in items], explain=True, progress=True)  # kept for the report
     (args.out / "predictions").mkdir(exist_ok=True)
-    write_csv(args.out / "predictions" / "predictions.csv", [record_for(it, pr) for it, pr in zip(items, preds)])
-    split_file = Path(__file__).resolve().parents[1] / "weights" / "learners-lite" / "split.csv"
+    write_prediction_csv(args.out / "predictions" / "predictions.csv",
+                         [prediction_record(pr, it.name, it.path, it.columns) for it, pr in zip(items, preds)])
+    split_file = default_bundle("learners") / "split.csv"
     split = read_split(split_file) if split_file.is_file() else {}
     write_report(args.out, rows, preds, split)
     sheet = contact_sheet([film_tile(pr, 256) for pr in preds])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["DataNotFoundError", "InvalidImageError", "PatchflannelError", "WeightsError"]
+
 
 class PatchflannelError(Exception):
     """Base class of every error this library raises on purpose."""

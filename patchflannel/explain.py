@@ -14,7 +14,7 @@ hooks between calls; here all K patches of all films go through in batches, the 
 taken with ``torch.autograd.grad`` (no graph survives a call) and the one forward hook is
 removed in ``finally``, so memory stays flat over any number of films.
 
-Example:
+Examples:
     >>> from patchflannel import Pipeline
     >>> pipe = Pipeline.from_pretrained(k=32)                                  # doctest: +SKIP
     >>> pred = pipe.predict("chest.png", explain=True)                         # doctest: +SKIP
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .patches import extract_patches
+
+__all__ = ["HEATMAP_STRIDE", "last_conv", "lung_heatmap", "patch_cams", "place_cams"]
 
 #: Heatmaps are accumulated on the working grid divided by this (a 7x7 CAM per 224 px patch
 #: has no finer detail to keep).

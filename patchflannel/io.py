@@ -34,7 +34,7 @@ Hostile files are refused before they can cost more than the one image they hold
   naming the file and the reason; :func:`load_image` raises nothing else (an unexpected
   error of a decoder, even ``MemoryError``, is reported with its type).
 
-Example:
+Examples:
     >>> from patchflannel.io import load_image
     >>> image = load_image("chest.png")          # doctest: +SKIP
     >>> image.dtype, float(image.min()) >= 0.0   # doctest: +SKIP
@@ -56,6 +56,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InvalidImageError
+
+__all__ = ["MAX_BYTES", "MAX_PIXELS", "MIN_SIDE", "ImageLimits", "as_grey_float", "check_size",
+           "declared_pixels", "load_image", "load_mask", "to_grey_float"]
 
 #: Default largest accepted image (a 10000 x 10000 grey film), counted as frames x rows x
 #: columns x samples per pixel from the file's header; larger is refused before decoding,

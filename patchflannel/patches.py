@@ -9,7 +9,7 @@ that land on it; every other centre stays where it was. Crops are cut from tenso
 in memory for a whole batch at once by index arithmetic, zero-padded where they cross the
 image border and never stretched.
 
-Example:
+Examples:
     >>> import torch
     >>> from patchflannel.patches import sample_centres, extract_patches
     >>> mask = torch.zeros(64, 64, dtype=torch.bool); mask[20:40, 10:30] = True
@@ -28,6 +28,9 @@ import torch
 
 from .errors import PatchflannelError
 
+__all__ = ["CANDIDATES_PER_ROUND", "DEFAULT_K", "EmptyMaskError", "extract_patches", "image_seed",
+           "sample_centres"]
+
 
 class EmptyMaskError(PatchflannelError):
     """A mask with too few lung pixels to centre patches on."""
@@ -41,6 +44,9 @@ def image_seed(image: np.ndarray | torch.Tensor, seed: int = 0) -> int:
     digest = hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
+
+#: Patches per film when nothing says otherwise: the method's K (a pipeline bundle records its own).
+DEFAULT_K = 100
 
 #: Candidate points drawn per round: the stream is the same whatever the mask, because every
 #: round draws this many whether or not they are needed.

@@ -6,7 +6,7 @@ folder) and the inference settings (K, seed). :meth:`Pipeline.save_pretrained` w
 self-contained one; the shipped default ``weights/pipeline-lite`` points at its sibling
 bundles in ``weights/``.
 
-Example:
+Examples:
     >>> from patchflannel import Pipeline
     >>> pipe = Pipeline.from_pretrained()                    # the shipped bundle, offline  # doctest: +SKIP
     >>> pred = pipe.predict("chest.png")                                                      # doctest: +SKIP
@@ -16,7 +16,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -27,24 +26,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .bundle import read_pipeline_spec, resolve_bundle, write_pipeline_spec
-from .calibration import apply_temperature, uncertainty
+from .bundle import read_pipeline_spec, write_pipeline_spec
+from .evaluation.calibration import apply_temperature, uncertainty
 from .errors import InvalidImageError, WeightsError
 from .io import as_grey_float, check_size, load_image
-from .learners.bundle import DEFAULT_LEARNERS, load_learner_set
+from .hub import default_bundle, resolve_bundle
+from .learners.bundle import load_learner_set
 from .learners.engine import PatchEngine
-from .learners.evaluate import FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
-from .learners.registry import CLASSES, Normalization
-from .patches import image_seed
+from .labels import CLASSES, FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
+from .learners.registry import Normalization
+from .patches import DEFAULT_K, image_seed
 from .segment.segmenter import Segmenter
-from .files import atomic_write
+
+__all__ = ["Pipeline", "Prediction"]
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-#: Environment variable that may point to a pipeline bundle folder.
-PIPELINE_ENV = "PATCHFLANNEL_PIPELINE"
-DEFAULT_PIPELINE = WEIGHTS / "pipeline-lite"
 
 
 _ARRAY_FIELDS = ("packed_mask", "mask_shape", "centres", "heatmap", "learner_heatmaps", "working_image")
@@ -120,23 +117,6 @@ class Prediction:
         return {k: v for k, v in self.__dict__.items() if k not in _ARRAY_FIELDS}
 
 
-def write_predictions(predictions: Sequence[Prediction], path: str | os.PathLike) -> None:
-    """Write predictions to ``.csv`` (one row each: source, status, predicted class, the four
-    probabilities, combiner, lung fraction, rejection) or ``.json`` (a list of
-    :meth:`Prediction.to_dict`), atomically."""
-    from .predict import record_for, write_csv
-    from .segment.batch import BatchInput
-
-    path = Path(path)
-    records = [record_for(BatchInput(Path(p.source), p.source), p) for p in predictions]
-    if path.suffix.lower() == ".csv":
-        write_csv(path, records)
-    elif path.suffix.lower() == ".json":
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(records, indent=1)))
-    else:
-        raise ValueError(f"{path}: write predictions to a .csv or .json file")
-
-
 class Pipeline:
     """Segmenter + patch learners + (optional) FLANNEL weight module, batched end to end.
 
@@ -147,7 +127,8 @@ class Pipeline:
             learners in this order; ``None`` combines by the plain mean of the learners.
         temperature: divides the log-probabilities of the combined prediction (calibration fitted
             with the weight module; 1 leaves them as they are).
-        k: patches per image (the method uses 100).
+        classes: the learners' output classes, in order (from their bundles); labels the outputs.
+        k: patches per image (default :data:`~patchflannel.patches.DEFAULT_K`, the method's 100).
         seed: base seed of the per-image patch sampling (same input, same output).
         batch_size: images decoded, segmented and classified together.
         device: ``"auto"`` (cuda when present), ``"cpu"``, ...
@@ -156,14 +137,18 @@ class Pipeline:
     """
 
     def __init__(self, segmenter: Segmenter, learners: Mapping[str, torch.nn.Module], *, weight_module=None,
-                 temperature: float = 1.0, patch_size: int = 224, normalization: Normalization | None = None, k: int = 100, seed: int = 0,
-                 batch_size: int = 8, device="auto", amp: bool = True, progress: bool = False,
-                 explain_batch_size: int = 8):
+                 temperature: float = 1.0, patch_size: int = 224, normalization: Normalization | None = None,
+                 classes: Sequence[str] = CLASSES, k: int = DEFAULT_K, seed: int = 0, batch_size: int = 8,
+                 device="auto", amp: bool = True, progress: bool = False, explain_batch_size: int = 8):
         if weight_module is not None and weight_module.num_learners != len(learners):
             raise ValueError(f"weight module combines {weight_module.num_learners} learners, got {len(learners)}")
+        if tuple(classes) != CLASSES:
+            raise WeightsError(f"the learners predict {list(classes)}; this library's records, metrics and "
+                               f"reports are for {list(CLASSES)}")
+        self.classes = list(classes)
         self.segmenter = segmenter
-        self.engine = PatchEngine(learners, k=k, patch_size=patch_size, normalization=normalization, device=device,
-                                  amp=amp, seed=seed)
+        self.engine = PatchEngine(learners, k=k, patch_size=patch_size, normalization=normalization,
+                                  device=segmenter.device if device == "auto" else device, amp=amp, seed=seed)
         self.weight_module = None if weight_module is None else weight_module.eval().cpu()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -172,11 +157,11 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
-        """Load a pipeline bundle (default: ``$PATCHFLANNEL_PIPELINE`` or the shipped
-        ``weights/pipeline-lite``). ``kwargs`` (``k``, ``seed``, ``batch_size``...) override
+        """Load a pipeline bundle by name (``"lite"``, the default; see :mod:`patchflannel.hub`)
+        or by path. ``kwargs`` (``k``, ``seed``, ``batch_size``...) override
         the bundle's settings. Nothing is downloaded; missing or corrupt parts raise
         :class:`~patchflannel.WeightsError` saying which."""
-        folder = resolve_bundle(path or os.environ.get(PIPELINE_ENV) or DEFAULT_PIPELINE, "pipeline bundle")
+        folder = resolve_bundle(path or default_bundle("pipeline"), "pipeline bundle")
         spec = read_pipeline_spec(folder)
         part = lambda key: None if spec.get(key) is None else folder / spec[key]
         settings = {k: spec[k] for k in ("k", "seed") if k in spec}
@@ -189,10 +174,15 @@ class Pipeline:
         """Build from separate bundle folders: a segmenter (default: the shipped one), a learner
         set (default: ``weights/learners-lite``) and a FLANNEL weight module (``None``: combine
         by the mean of the learners)."""
-        from .ensemble import load_weight_module
+        from .ensemble.module import load_weight_module
 
-        seg = Segmenter.from_bundle(segmenter, device=device)
-        models, shared = load_learner_set(learners or DEFAULT_LEARNERS)
+        seg = Segmenter.from_bundle(segmenter, device=device, amp=kwargs.get("amp", True))
+        models, shared = load_learner_set(learners)
+        # The data contract: the learners' patches have their size on the film at their working
+        # size, which is the grid the segmenter writes.
+        if seg.working_size != shared["working_size"]:
+            raise WeightsError(f"the learners were trained on {shared['working_size']} px films but the segmenter "
+                               f"works at {seg.working_size} px; pass a matching working_size")
         module, temperature = None, 1.0
         if ensemble is not None:
             module, config = load_weight_module(ensemble)
@@ -200,15 +190,21 @@ class Pipeline:
             if config["learners"] != list(models):
                 raise WeightsError(f"{ensemble} combines {config['learners']} but the learner set holds "
                                    f"{list(models)}; pass the learner folder it was fitted for")
+            if config["classes"] != shared["classes"]:
+                raise WeightsError(f"{ensemble} combines {config['classes']}, the learners predict {shared['classes']}")
+            fit_k, k = config.get("fit_k") or (config.get("fitted_on") or {}).get("k"), kwargs.get("k", DEFAULT_K)
+            if fit_k is not None and fit_k != k:
+                log.warning("the weight module was fitted on %d patches per film and runs on %d: its inputs are "
+                            "averages of another sharpness than it learned from", fit_k, k)
         kwargs.setdefault("temperature", temperature)
-        return cls(seg, models, weight_module=module, patch_size=shared["patch_size"],
-                   normalization=Normalization(**shared["normalization"]), device=device, **kwargs)
+        return cls(seg, models, weight_module=module, patch_size=shared["patch_size"], classes=shared["classes"],
+                   normalization=Normalization(**shared["normalization"]), device=seg.device, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a self-contained pipeline bundle: ``segmenter/``, ``learners/<name>/``,
         ``ensemble/`` (when there is a weight module) and ``pipeline.json``."""
         from .bundle import write_bundle
-        from .ensemble import save_weight_module
+        from .ensemble.module import save_weight_module
         from .learners.bundle import save_learner
 
         folder = Path(path)
@@ -216,10 +212,11 @@ class Pipeline:
         write_bundle(folder / "segmenter", self.segmenter.model, seg_config)
         for name, model in zip(self.learner_names, self.engine.models):
             save_learner(folder / "learners" / name, getattr(model, "_orig_mod", model), name=name,
-                         patch_size=self.engine.patch_size, normalization=self.engine.normalization)
+                         patch_size=self.engine.patch_size, working_size=self.segmenter.working_size,
+                         normalization=self.engine.normalization)
         if self.weight_module is not None:
             save_weight_module(folder / "ensemble", self.weight_module, learners=self.learner_names,
-                               classes=list(CLASSES), temperature=self.temperature)
+                               classes=self.classes, temperature=self.temperature)
         spec = {"format": "patchflannel-pipeline", "segmenter": "segmenter", "learners": "learners",
                 "ensemble": "ensemble" if self.weight_module is not None else None,
                 "k": self.engine.k, "seed": self.engine.seed}
@@ -289,11 +286,11 @@ class Pipeline:
                 continue
             p = apply_temperature(combined[j] if combined is not None else probs[j].mean(0), self.temperature)
             pred.combiner = FLANNEL_ENSEMBLE if combined is not None else MEAN_OF_LEARNERS
-            pred.probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}
-            pred.label = CLASSES[int(p.argmax())]
-            pred.learners = {name: {"probabilities": {c: round(float(v), 6) for c, v in zip(CLASSES, probs[j, li])},
-                                    "votes": {c: round(float(v), 4) for c, v in zip(CLASSES, result.votes[j, li])},
-                                    "label": CLASSES[int(result.labels[j, li])]}
+            pred.probabilities = {c: round(float(v), 6) for c, v in zip(self.classes, p)}
+            pred.label = self.classes[int(p.argmax())]
+            pred.learners = {name: {"probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, probs[j, li])},
+                                    "votes": {c: round(float(v), 4) for c, v in zip(self.classes, result.votes[j, li])},
+                                    "label": self.classes[int(result.labels[j, li])]}
                              for li, name in enumerate(self.learner_names)}
             pred.uncertainty = uncertainty(p, probs[j], result.votes[j])
             if weights is not None:
@@ -308,7 +305,7 @@ class Pipeline:
 
         weights = list(pred.learner_weights.values()) if pred.learner_weights else None
         pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, masked, seg.working_mask,
-                                          pred.centres, CLASSES.index(pred.label), patch_size=self.engine.patch_size,
+                                          pred.centres, self.classes.index(pred.label), patch_size=self.engine.patch_size,
                                           weights=weights, device=self.engine.device,
                                           batch_size=self.explain_batch_size)
         pred.learner_heatmaps = dict(zip(self.learner_names, maps))

@@ -18,8 +18,6 @@ a SLURM array); ``--merge`` then writes ``predictions.jsonl``/``.csv`` as one jo
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import sys
@@ -28,37 +26,33 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import PatchflannelError
-from .learners.registry import CLASSES
-from .segment.batch import (
+from .files import atomic_write
+from .jobs.records import (
+    drop_torn_tail,
+    error_record,
+    merge_logs,
+    prediction_record,
+    read_done,
+    write_prediction_csv,
+)
+from .jobs.shard import Shard
+from .jobs.shell import (
     EXIT_NOTHING_DONE,
     EXIT_USAGE,
     BatchInput,
     collect_inputs,
-    drop_torn_tail,
     exit_status,
     job_inputs,
-    merge_logs,
     prepare_out_dir,
-    printable_name,
-    read_done,
     remove_stale_temp_files,
     unique_file_name,
 )
-from .shard import Shard
-from .files import atomic_write
+from .pipeline import Pipeline
+
+__all__ = ["main", "merge_predictions", "overlay_name", "run_predict", "write_overlay"]
 
 log = logging.getLogger(__name__)
 JSONL, CSV = "predictions.jsonl", "predictions.csv"
-
-
-def record_for(item: BatchInput, pred) -> dict:
-    """One JSON line: the input, its manifest columns (a ``label`` column stays the truth), and
-    the prediction (``predicted``, probabilities, per-learner results) or the rejection."""
-    result = pred.to_dict()
-    result["predicted"] = result.pop("label")
-    result.pop("source")
-    return {"input": item.name, "path": str(item.path), **item.columns, "status": "ok" if pred.ok else "rejected",
-            **result}
 
 
 def overlay_name(input_name: str) -> str:
@@ -87,7 +81,7 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
     ``explain`` writes an overlay PNG per classified input. With ``shard``, only that shard's
     inputs, logged apart; :func:`merge_predictions` combines the shards. ``retry_failed`` redoes
     inputs recorded as rejected or error (a full disk, a file fixed since). ``items``: the
-    inputs, if already listed with :func:`~patchflannel.segment.batch.collect_inputs`.
+    inputs, if already listed with :func:`~patchflannel.jobs.shell.collect_inputs`.
 
     Returns ``{"inputs", "ok", "rejected", "error", "skipped", "total"}``: the statuses of the
     inputs done by this run, as the segment job counts them; ``skipped`` were done by an
@@ -107,12 +101,12 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
     log.info("%d inputs, %d already done", len(items), len(items) - len(todo))
 
     def record(item: BatchInput, pred) -> dict:
-        rec = record_for(item, pred)
+        rec = prediction_record(pred, item.name, item.path, item.columns)
         if explain and pred.ok:
             try:
                 write_overlay(out_dir, rec, pred)
             except OSError as exc:  # a full disk: recorded, redone with --retry-failed
-                rec = error_record(item, exc)
+                rec = error_record(item.name, item.path, exc, item.columns)
         return rec
 
     with open(log_path, "a") as sink:
@@ -128,21 +122,15 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
                         records.append(record(it, pipeline.predict(it.path, explain=explain)))
                     except Exception as exc:  # noqa: BLE001
                         log.exception("failed on %s", it.path)
-                        records.append(error_record(it, exc))
+                        records.append(error_record(it.name, it.path, exc, it.columns))
             sink.write("".join(json.dumps(r) + "\n" for r in records))
             sink.flush()
             done.update({r["input"]: r for r in records})
     if shard is None:
-        write_csv(out_dir / CSV, [done[it.name] for it in items if it.name in done])
+        write_prediction_csv(out_dir / CSV, [done[it.name] for it in items if it.name in done])
     now = [done[it.name]["status"] for it in todo if it.name in done]
     counts = {s: now.count(s) for s in ("ok", "rejected", "error")}
     return {"inputs": len(items), **counts, "skipped": len(items) - len(todo), "total": len(items)}
-
-
-def error_record(item: BatchInput, exc: BaseException) -> dict:
-    """The record of an input that failed for a reason other than its content (``status: error``)."""
-    return {"input": item.name, "path": str(item.path), **item.columns, "status": "error",
-            "rejection": f"{type(exc).__name__}: {exc}"}
 
 
 def merge_predictions(source, out_dir) -> dict:
@@ -152,32 +140,9 @@ def merge_predictions(source, out_dir) -> dict:
     items = collect_inputs(source, exclude=out_dir)
     remove_stale_temp_files(out_dir)  # every shard has finished
     ordered = merge_logs(out_dir, JSONL, [it.name for it in items])
-    write_csv(out_dir / CSV, ordered)
+    write_prediction_csv(out_dir / CSV, ordered)
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "rejected", "error")}
     return {"inputs": len(items), **counts, "missing": len(items) - len(ordered)}
-
-
-UNCERTAINTY = ("entropy", "vote_entropy", "learner_disagreement", "margin")
-
-
-def write_csv(path: Path, records: list[dict]) -> None:
-    """One row per record: input, path, the manifest's columns, status, predicted class, the
-    four probabilities, the uncertainty measures, combiner, lung fraction and rejection (atomic)."""
-    own = {"input", "path", "status", "predicted", "probabilities", "combiner", "learners", "learner_weights",
-           "rejection", "lung_fraction", "uncertainty", "overlay"}
-    columns = sorted({k for r in records for k in r} - own)  # the manifest's
-    overlay = ["overlay"] if any("overlay" in r for r in records) else []
-    fields = ["input", "path", *columns, "status", "predicted", *[f"p_{c}" for c in CLASSES], *UNCERTAINTY,
-              "combiner", "lung_fraction", "rejection", *overlay]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    for r in records:
-        probs = r.get("probabilities") or {}
-        row = {k: printable_name(v) if isinstance(v, str) else v for k, v in r.items()}
-        writer.writerow({**row, **{f"p_{c}": probs.get(c, "") for c in CLASSES}, **(r.get("uncertainty") or {})})
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8",
-                                                        errors="backslashreplace"))  # any file name
 
 
 def main(argv=None) -> int:
@@ -201,8 +166,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from .pipeline import Pipeline
-
     try:
         if args.merge:
             counts = merge_predictions(args.input, args.out)

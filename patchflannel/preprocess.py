@@ -6,7 +6,7 @@ gamma 0.5, resize to a square network input. :class:`SegmenterPreprocess` bundle
 steps with their settings so the same object (serialised in the weights' config.json)
 is applied in training and inference.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from patchflannel.preprocess import SegmenterPreprocess
     >>> image = np.linspace(0, 1, 300 * 200, dtype=np.float32).reshape(300, 200)
@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
+
+__all__ = ["Letterbox", "SegmenterPreprocess", "adjust_gamma", "equalization_lut", "equalize_histogram",
+           "resize"]
 
 
 def equalization_lut(image: np.ndarray, nbins: int = 256) -> tuple[np.ndarray, np.ndarray]:

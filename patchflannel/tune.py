@@ -33,6 +33,9 @@ from pathlib import Path
 
 from .learners.train import LearnerTrainConfig, recipe_config
 
+__all__ = ["BOUNDS", "METRIC", "MUTATED", "SEARCHED", "clip_to_bounds", "main", "results_table",
+           "run_search", "search_space", "trial_config"]
+
 log = logging.getLogger(__name__)
 
 #: Configuration keys the search varies (the rest of the trial's configuration is fixed).
@@ -234,7 +237,7 @@ def main(argv=None) -> None:
     p.add_argument("--cpus", type=int, default=None, help="CPUs of a one-machine Ray (default: all)")
     p.add_argument("--cpus-per-trial", type=int, default=1)
     p.add_argument("--address", default=None, help="a running Ray cluster ('auto', 'ray://host:10001')")
-    p.add_argument("--device", default="cpu", help="each trial's device (use 'cuda' with GPU resources)")
+    p.add_argument("--device", default="auto", help="each trial's device (auto: cuda when present)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -245,7 +248,7 @@ def main(argv=None) -> None:
     base = recipe_config(args.learner, **overrides)
     split = args.split
     if split is None:  # one split for every trial, drawn the way the trainer draws it
-        from .cv import write_split
+        from .evaluation.splits import write_split
         from .learners.data import read_rows
         from .learners.train import make_split
         rows = read_rows(args.packs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+__all__ = ["contact_sheet", "explanation_figure", "heatmap_overlay", "mask_overlay"]
+
 
 def mask_overlay(image: np.ndarray, mask: np.ndarray, *, color=(0, 200, 255), alpha: float = 0.25,
                  label: str | None = None) -> np.ndarray:

@@ -35,14 +35,14 @@ def cxr4_dir(data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def lungseg_rows(lungseg_dir):
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
 
     return read_manifest(lungseg_dir / "manifest.csv")
 
 
 @pytest.fixture(scope="session")
 def cxr4_rows(cxr4_dir):
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
 
     return read_manifest(cxr4_dir / "manifest.csv")
 
@@ -83,9 +83,9 @@ def make_packs(root, data_dir, segmenter, working_size: int, per_label: dict) ->
     """
     import shutil
 
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
     from patchflannel.segment import Segmenter
-    from patchflannel.segment.batch import run_batch
+    from patchflannel.segment.job import run_batch
 
     resized = Segmenter(segmenter.model, segmenter.config, device="cpu", working_size=working_size)
     out = []

@@ -2,12 +2,7 @@
 import pytest
 import torch
 
-from patchflannel.augment import (
-    Augmentation,
-    elastic_distortion,
-    gaussian_blur,
-    perspective_warp,
-)
+from patchflannel.training.augment import Augmentation, elastic_distortion, gaussian_blur, perspective_warp
 
 
 @pytest.fixture(scope="module")

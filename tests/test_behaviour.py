@@ -23,7 +23,7 @@ FILMS = {("cxr4", "covid"): 2, ("cxr4", "normal"): 2, ("cxr4", "viral"): 1,
 
 
 def pick_films(data_dir: Path) -> list[Path]:
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
 
     out = []
     for (name, label), n in FILMS.items():

@@ -11,20 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from patchflannel.hub import resolve_bundle, weights_dir
 from patchflannel.bundle import (
     UNVERIFIED_ENV,
-    WEIGHTS,
     bundle_folders,
     config_digest,
     read_bundle,
     read_pipeline_spec,
     rehash_bundle,
-    resolve_bundle,
     verify_bundle,
     write_bundle,
     write_pipeline_spec,
 )
-from patchflannel.ensemble import load_weight_module
+from patchflannel.ensemble.module import load_weight_module
 from patchflannel.errors import WeightsError
 from patchflannel.learners.bundle import load_learner, load_learner_set
 from patchflannel.learners.registry import create_learner
@@ -53,6 +52,8 @@ def no_network(monkeypatch):
 @pytest.fixture(autouse=True)
 def _verified_by_default(monkeypatch):
     monkeypatch.delenv(UNVERIFIED_ENV, raising=False)
+
+WEIGHTS = weights_dir()
 
 
 def _copy(tmp_path, name: str) -> Path:

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from patchflannel.calibration import (
+from patchflannel.evaluation.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,
     normalised_entropy,
     uncertainty,
 )
-from patchflannel.ensemble import crossfit_temperature
+from patchflannel.ensemble.fit import crossfit_temperature
 
 
 def _overconfident(n=4000, true_t=2.5, seed=0):

@@ -2,17 +2,12 @@ from collections import Counter
 
 import pytest
 
-from patchflannel.cv import (
-    assign_folds,
-    check_no_patient_crosses_folds,
-    read_folds,
-    write_folds,
-)
+from patchflannel.evaluation.splits import assign_folds, check_no_patient_crosses_folds, read_folds, write_folds
 
 
 @pytest.fixture(scope="module")
 def rows(data_dir):
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
 
     adult_normals = [r for r in read_manifest(data_dir / "adult" / "manifest.csv") if r["label"] == "normal"]
     return read_manifest(data_dir / "cxr4" / "manifest.csv") + adult_normals

@@ -11,7 +11,7 @@ import pytest
 
 from data_prep import cohen, kermany, radiography
 from data_prep._manifest import COLUMNS, image_size
-from patchflannel.data import read_manifest
+from patchflannel.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from patchflannel.distributed import Distributed
+from patchflannel.training.distributed import Distributed
 
 pytestmark = pytest.mark.slow  # trains models or starts clusters: minutes
 
@@ -42,7 +42,7 @@ def test_share_splits_a_batch_into_contiguous_parts():
 
 
 def _fit_module(out):
-    from patchflannel.ensemble import fit_weight_module
+    from patchflannel.ensemble.fit import fit_weight_module
 
     probs, labels = _stacking_data()
     module = fit_weight_module(probs, labels)
@@ -57,7 +57,7 @@ def _stacking_data():
 
 
 def test_weight_module_on_two_processes_matches_one(tmp_path):
-    from patchflannel.ensemble import fit_weight_module
+    from patchflannel.ensemble.fit import fit_weight_module
 
     _run(2, _fit_module, tmp_path / "ddp.pt")
     single = fit_weight_module(*_stacking_data()).state_dict()
@@ -95,7 +95,7 @@ def test_segmenter_on_two_processes_matches_one(lungseg_dir, tmp_path):
     """Two AdamW steps of a BatchNorm network: the same updates to float rounding (the
     BatchNorm statistics are the global batch's on every rank)."""
     from patchflannel.segment import build_segmentation_model
-    from patchflannel.training import seed_everything
+    from patchflannel.training.loop import seed_everything
 
     _run(2, _train_segmenter, lungseg_dir, tmp_path / "two")
     _train_segmenter(lungseg_dir, tmp_path / "one")

@@ -2,15 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patchflannel.ensemble import (
-    FlannelWeightModule,
-    FocalLoss,
-    WeightModuleConfig,
-    class_alpha,
-    fit_weight_module,
-    load_weight_module,
-    save_weight_module,
-)
+from patchflannel.ensemble.fit import WeightModuleConfig, fit_weight_module
+from patchflannel.ensemble.module import FlannelWeightModule, load_weight_module, save_weight_module
+from patchflannel.losses import FocalLoss, class_alpha
 
 
 def test_focal_loss_is_cross_entropy_at_gamma_0_and_alpha_1():
@@ -99,7 +93,7 @@ def test_weight_module_fit_refuses_rejected_rows():
 
 
 def test_ranking_report_matches_hand_values():
-    from patchflannel.metrics import ranking_report
+    from patchflannel.evaluation.metrics import ranking_report
 
     truth = [0, 0, 1, 1]
     scores = torch.tensor([[0.9, 0.1, 0, 0], [0.4, 0.6, 0, 0], [0.6, 0.4, 0, 0], [0.2, 0.8, 0, 0]]).numpy()

@@ -1,16 +1,13 @@
 """The input gate: lung-mask measures, each refusal reason, real films in and non-films out."""
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from patchflannel.evaluation.non_cxr import non_cxr_images
 from patchflannel.io import as_grey_float, load_image
 from patchflannel.segment import LungCheck, lung_features
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from rejection import non_cxr_images
 
 
 def _two_lungs(size=160, sure=True) -> np.ndarray:
@@ -50,7 +47,7 @@ def test_each_check_names_its_reason():
 
 
 def test_real_films_of_every_source_pass(segmenter, data_dir):
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
 
     for part in ("lungseg", "cxr4", "adult"):
         rows = read_manifest(data_dir / part / "manifest.csv")

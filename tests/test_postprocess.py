@@ -3,7 +3,7 @@ from scipy import ndimage
 
 from patchflannel.io import load_mask
 from patchflannel.segment import keep_largest_components, postprocess_mask
-from patchflannel.segment.train import jaccard_dice
+from patchflannel.evaluation.metrics import jaccard_dice
 
 
 def test_cleans_specks_and_holes_on_real_mask(lungseg_rows):

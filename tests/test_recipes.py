@@ -12,7 +12,7 @@ from patchflannel.learners.train import (
     style_balanced_weights,
     train,
 )
-from patchflannel.lr_finder import lr_range_test, suggest
+from patchflannel.training.lr_finder import lr_range_test, suggest
 
 PATCH = 96  # the 384 px packs of conftest.py
 TINY = dict(learner="resnet18", patch_size=PATCH, epochs=1, batch_size=8, val_k=2, min_lung_pixels=100)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from patchflannel.training import SCHEDULES, LRPolicy, layer_groups, make_optimizer
+from patchflannel.training.schedules import LRPolicy, SCHEDULES, layer_groups, make_optimizer
 
 
 def _model():
@@ -85,7 +85,7 @@ def test_unknown_names_are_refused():
 
 
 def test_loss_scaling_only_for_float16():
-    from patchflannel.training import grad_scaler, optimization_step
+    from patchflannel.training.loop import grad_scaler, optimization_step
 
     assert not grad_scaler(torch.device("cpu"), amp=True).is_enabled()  # bf16 on CPU needs none
     model = _model()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from patchflannel.segment.__main__ import main as segment_main
-from patchflannel.segment.batch import read_summary, run_batch
+from patchflannel.segment.job import read_summary
+from patchflannel.segment.job import run_batch
 from patchflannel.store import H5MaskedDataset, read_masked_npz
 
 BROKEN = {
@@ -57,10 +58,10 @@ def test_counts_and_specific_errors(finished_run):
     assert counts["total"] == 21 and counts["error"] == 5 and counts["skipped"] == 0
     assert counts["ok"] + counts["rejected"] == 16 and counts["ok"] >= 15
     records = read_summary(out)
-    assert "empty" in records["broken/empty.png"]["reason"]
-    assert "truncated" in records["broken/truncated.jpg"]["reason"]
-    assert "smaller than" in records["broken/tiny.png"]["reason"]
-    assert "not a recognised image format" in records["broken/notes.png"]["reason"]
+    assert "empty" in records["broken/empty.png"]["rejection"]
+    assert "truncated" in records["broken/truncated.jpg"]["rejection"]
+    assert "smaller than" in records["broken/tiny.png"]["rejection"]
+    assert "not a recognised image format" in records["broken/notes.png"]["rejection"]
     assert (out / "summary.csv").read_text().count("\n") == 22
 
 
@@ -122,7 +123,7 @@ def test_interrupted_write_leaves_no_partial_file(input_folder, segmenter, tmp_p
     assert len(list(tmp_path.rglob("*.npz"))) == counts["ok"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     failed = [r for r in read_summary(tmp_path).values() if r["status"] == "error"]
-    assert "disk full" in failed[0]["reason"]
+    assert "disk full" in failed[0]["rejection"]
     monkeypatch.setattr(store, "savez_compressed", real)
     counts = run_batch(input_folder / "covid", tmp_path, segmenter, progress=False, retry_failed=True)
     assert counts["ok"] == 1 and len(list(tmp_path.rglob("*.npz"))) == 4

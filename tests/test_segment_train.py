@@ -68,7 +68,7 @@ def test_sample_caches_make_the_run_folder_self_contained(lungseg_dir, tmp_path)
 
 
 def test_a_sample_cache_is_not_reused_under_other_preprocessing(lungseg_dir, tmp_path):
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
     from patchflannel.preprocess import SegmenterPreprocess
     from patchflannel.segment.train import load_samples
 

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from patchflannel.shard import Shard, shard_of
+from patchflannel.jobs.shard import Shard, shard_of
 
 
 def test_parse_and_ownership(monkeypatch):
@@ -39,7 +39,8 @@ def folder(cxr4_rows, tmp_path_factory):
 
 def test_two_segment_shards_equal_one_job(folder, segmenter, tmp_path):
     from patchflannel.segment.__main__ import main
-    from patchflannel.segment.batch import read_summary, run_batch
+    from patchflannel.segment.job import read_summary
+    from patchflannel.segment.job import run_batch
     from patchflannel.store import read_masked_npz
 
     run_batch(folder, tmp_path / "one", segmenter, batch_size=4, progress=False, h5_path=tmp_path / "one.h5")

@@ -2,9 +2,13 @@
 import numpy as np
 import pytest
 
-from patchflannel.cv import read_split
-from patchflannel.learners import CLASSES, PRESETS
-from patchflannel.learners.bundle import DEFAULT_LEARNERS, load_learner_set
+from patchflannel.evaluation.splits import read_split
+from patchflannel.labels import CLASSES
+from patchflannel.learners import PRESETS
+from patchflannel.hub import default_bundle
+from patchflannel.learners.bundle import load_learner_set
+
+DEFAULT_LEARNERS = default_bundle("learners")
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def test_shipped_set_is_the_lite_preset(shipped):
 
 
 def test_split_covers_every_patient_and_keeps_other_pneumonia_out_of_training(data_dir):
-    from patchflannel.data import read_manifest
+    from patchflannel.manifest import read_manifest
 
     split = read_split(DEFAULT_LEARNERS / "split.csv")
     rows = read_manifest(data_dir / "cxr4" / "manifest.csv") + read_manifest(data_dir / "adult" / "manifest.csv")

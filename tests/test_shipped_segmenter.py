@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from patchflannel.cv import read_split
+from patchflannel.evaluation.splits import read_split
 from patchflannel.errors import WeightsError
 from patchflannel.io import load_image, load_mask
 from patchflannel.segment import Segmenter
-from patchflannel.segment.train import jaccard_dice
+from patchflannel.evaluation.metrics import jaccard_dice
 
 from .conftest import SHIPPED_SEGMENTER
 

@@ -83,7 +83,7 @@ def _wait_for_head(address: str, timeout: float = 120) -> None:
 def test_search_runs_trials_and_reports_macro_f1(request, packs, tmp_path, scheduler, ray_fixture):
     """ASHA against a running cluster by address, PBT on a Ray started in-process."""
     address = request.getfixturevalue(ray_fixture)
-    from patchflannel.cv import write_split
+    from patchflannel.evaluation.splits import write_split
     from patchflannel.learners.data import read_rows
     from patchflannel.learners.train import make_split
     from patchflannel.tune import SEARCHED, run_search

@@ -1,5 +1,5 @@
 """Stage 2: patch-based base learners (backbone registry, batched patch inference, training)."""
 from .engine import PatchEngine, PatchPredictions, vote
-from .registry import CLASSES, PRESETS, Normalization, create_learner
+from .registry import PRESETS, Normalization, create_learner
 
-__all__ = ["CLASSES", "PRESETS", "Normalization", "PatchEngine", "PatchPredictions", "create_learner", "vote"]
+__all__ = ["PRESETS", "Normalization", "PatchEngine", "PatchPredictions", "create_learner", "vote"]

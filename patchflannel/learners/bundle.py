@@ -8,24 +8,33 @@ could make timm download is refused before anything is built."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from ..bundle import CONFIG_FILE, build_from_config, load_state, read_bundle, resolve_bundle, write_bundle
+from ..bundle import CONFIG_FILE, build_from_config, load_state, read_bundle, write_bundle
+from ..hub import default_bundle, resolve_bundle
 from ..errors import WeightsError
-from .registry import CLASSES, PRESETS, Normalization, create_learner
+from ..labels import CLASSES
+from .registry import Normalization, PRESETS, create_learner
 
-DEFAULT_LEARNERS = Path(__file__).resolve().parents[2] / "weights" / "learners-lite"
+__all__ = ["DEFAULT_WORKING_SIZE", "load_learner", "load_learner_set", "save_learner"]
+
+
+
+#: The side of the masked film on which a learner's ``patch_size`` has its meaning, for bundles
+#: that predate the record (format 0): the segment job's and the pipeline's working size.
+DEFAULT_WORKING_SIZE = 1024
 
 
 def save_learner(folder: str | os.PathLike, model: torch.nn.Module, *, name: str, patch_size: int = 224,
-                 normalization: Normalization | None = None, classes=CLASSES, extra: dict | None = None,
-                 dtype: torch.dtype = torch.float16) -> None:
-    """Write a learner bundle. Weights are stored as float16 by default (half the size; they are
+                 working_size: int = DEFAULT_WORKING_SIZE, normalization: Normalization | None = None,
+                 classes=CLASSES, extra: dict | None = None, dtype: torch.dtype = torch.float16) -> None:
+    """Write a learner bundle. Its config carries the data contract: the classes of its outputs,
+    ``patch_size`` px patches cut from the masked film at ``working_size`` px, one grey channel,
+    the normalisation. Weights are stored as float16 by default (half the size; they are
     loaded back as float32, and predictions agree with the float32 model to ~1e-3)."""
     write_bundle(folder, model, {"task": "patch-classification", "learner": name, "classes": list(classes),
-                                 "patch_size": patch_size, "in_chans": 1,
+                                 "working_size": working_size, "patch_size": patch_size, "in_chans": 1,
                                  "normalization": (normalization or Normalization()).to_dict(), **(extra or {})}, dtype=dtype)
 
 
@@ -62,12 +71,12 @@ def _order(name: str) -> tuple:
 
 def load_learner_set(folder: str | os.PathLike | None = None, *,
                      verify: bool = True) -> tuple[dict[str, torch.nn.Module], dict]:
-    """All learner bundles in the sub-folders of ``folder`` (default: ``$PATCHFLANNEL_LEARNERS``
-    or the shipped ``lite`` set), as ``{name: model}`` in preset order, and the shared settings
+    """All learner bundles in the sub-folders of ``folder`` (default: the shipped
+    ``learners-lite`` set), as ``{name: model}`` in preset order, and the shared settings
     (classes, patch size, normalisation) they must agree on.
 
     ``folder`` may name a shipped set from any working directory (``weights/learners-lite``
-    or ``learners-lite``, see :func:`patchflannel.bundle.resolve_bundle`). ``verify=False``
+    or ``learners-lite``, see :func:`patchflannel.hub.resolve_bundle`). ``verify=False``
     (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads bundles whose hashes are missing or do
     not match, with a warning.
 
@@ -75,7 +84,7 @@ def load_learner_set(folder: str | os.PathLike | None = None, *,
         WeightsError: no bundles, a bundle that fails its checks (see :func:`load_learner`), or
             bundles that disagree on classes, patch size or normalisation.
     """
-    folder = folder or os.environ.get("PATCHFLANNEL_LEARNERS") or DEFAULT_LEARNERS
+    folder = folder or default_bundle("learners")
     try:
         folder = resolve_bundle(folder, "learner set")
     except WeightsError as exc:
@@ -94,10 +103,12 @@ def load_learner_set(folder: str | os.PathLike | None = None, *,
         raise WeightsError(f"{other} hold whole-image or ablation models (trained on other inputs than the "
                            "working-size masked film), not patch learners; keep them out of a learner set")
     loaded.sort(key=lambda mc: _order(mc[1]["learner"]))
-    shared_keys = ("classes", "patch_size", "normalization")
+    for _, config in loaded:
+        config.setdefault("working_size", DEFAULT_WORKING_SIZE)
+    shared_keys = ("classes", "working_size", "patch_size", "normalization")
     shared = {k: loaded[0][1][k] for k in shared_keys}
     for _, config in loaded[1:]:
         if any(config[k] != shared[k] for k in shared_keys):
             raise WeightsError(f"learner bundles under {folder} disagree on {shared_keys}; "
-                               "a set must share classes, patch size and normalisation")
+                               "a set must share classes, working size, patch size and normalisation")
     return {config["learner"]: model for model, config in loaded}, shared

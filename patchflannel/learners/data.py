@@ -20,7 +20,10 @@ from tqdm.auto import tqdm
 from ..io import load_image
 from ..preprocess import Letterbox
 from ..store import H5MaskedDataset
-from .registry import CLASSES
+from ..labels import CLASSES
+
+__all__ = ["FILE_INPUTS", "LEARNER_INPUTS", "WHOLE_INPUTS", "MaskedSet", "equalize_lung",
+           "load_learner_inputs", "load_masked_set", "load_whole_image_set", "read_rows"]
 
 
 @dataclass

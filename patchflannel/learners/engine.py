@@ -6,7 +6,7 @@ are, shared by every learner, and forwarded in large batches under
 engine returns the mean softmax over the K patches (what the ensemble consumes) and the
 majority vote with its vote fractions (the published method's confidence score).
 
-Example:
+Examples:
     >>> engine = PatchEngine({"resnet18": create_learner("resnet18")}, k=8)   # doctest: +SKIP
     >>> out = engine.predict(images, masks)                                    # doctest: +SKIP
     >>> out.probs.shape      # (N, L, C)                                       # doctest: +SKIP
@@ -20,10 +20,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..devices import autocast, resolve_device
+from ..labels import CLASSES
 from ..patches import EmptyMaskError, extract_patches, image_seed, sample_centres
-from ..training import autocast, resolve_device
-from .registry import CLASSES, Normalization
+from .data import load_masked_set
+from .registry import Normalization
+
+__all__ = ["PatchEngine", "PatchPredictions", "predict_probs", "vote"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +186,16 @@ class PatchEngine:
         labels[dropped], votes[dropped] = -1, float("nan")
         return PatchPredictions(self.names, mean, votes, labels, centres.cpu(), rejected,
                                 full if return_patch_probs else None)
+
+
+def predict_probs(engine: PatchEngine, rows: list[dict], chunk: int = 32, progress: bool = True) -> torch.Tensor:
+    """``(N, L, C)`` mean softmax for ``rows`` (read from their packs a chunk at a time)."""
+    out, handles = [], {}
+    for start in tqdm(range(0, len(rows), chunk), desc="predicting", disable=not progress, leave=False):
+        data = load_masked_set(rows[start:start + chunk], progress=False, handles=handles)
+        result = engine.predict(data.images, data.masks)
+        if any(result.rejected):
+            log.warning("%d films rejected: %s", sum(r is not None for r in result.rejected),
+                        [r for r in result.rejected if r][:3])
+        out.append(result.probs)
+    return torch.cat(out)

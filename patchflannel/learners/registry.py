@@ -19,7 +19,7 @@ Presets name the five learners of an ensemble:
   resnet18 ~1 s in bf16, mobilenet_v3_small ~0.55 s in float32, vs ~1.6 s for
   mobilenet_v3_large), which matters because random init needs thousands of steps.
 
-Example:
+Examples:
     >>> from patchflannel.learners import create_learner
     >>> model = create_learner("resnet18", num_classes=4)
     >>> model(torch.zeros(2, 1, 224, 224)).shape
@@ -32,9 +32,11 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ..labels import CLASSES
 from ..pretrained import PACKAGED_WEIGHTS, check_timm_name, load_pretrained, packaged_weights_file
 
-CLASSES = ("covid", "viral", "bacterial", "normal")
+__all__ = ["PRESETS", "TIMM_BY_NAME", "Normalization", "create_learner"]
+
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "paper": ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn"),

@@ -40,26 +40,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..augment import Augmentation
-from ..cv import read_split, split_patients, write_split
-from ..distributed import setup, unwrap, wrap
-from ..ensemble import FocalLoss
-from ..lr_finder import lr_range_test, write_lr_result
-from ..metrics import classification_report
+from ..training.augment import Augmentation
+from ..evaluation.splits import read_split, split_patients, write_split
+from ..training.distributed import setup, unwrap, wrap
+from ..losses import FocalLoss
+from ..training.lr_finder import lr_range_test, write_lr_result
+from ..evaluation.metrics import classification_report
 from ..patches import extract_patches, sample_centres
-from ..training import (
-    OPTIMIZERS,
-    SCHEDULES,
-    LRPolicy,
-    autocast,
-    grad_scaler,
-    layer_groups,
-    make_optimizer,
-    optimization_step,
-    resolve_device,
-    restore_training_state,
-    save_training_state,
-)
+from ..devices import autocast, resolve_device
+from ..training.loop import grad_scaler, optimization_step, restore_training_state, save_training_state
+from ..training.schedules import LRPolicy, OPTIMIZERS, SCHEDULES, layer_groups, make_optimizer
 from .bundle import save_learner
 from .data import (
     FILE_INPUTS,
@@ -70,7 +60,13 @@ from .data import (
     read_rows,
 )
 from .engine import PatchEngine
-from .registry import CLASSES, Normalization, create_learner
+from ..labels import CLASSES
+from .registry import Normalization, create_learner
+
+__all__ = ["RECIPES", "ROTATION_CLASSES", "LearnerTrainConfig", "config_record", "draw_inputs",
+           "draw_patches", "evaluate", "find_lr", "main", "make_split", "predict_inputs",
+           "predict_whole_images", "recipe_config", "rotate_quarters", "style_balanced_weights", "train",
+           "training_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +139,7 @@ def make_split(rows: list[dict], cfg: LearnerTrainConfig) -> dict[str, str]:
         if missing:
             raise ValueError(f"{cfg.split_file} lacks {len(missing)} patients, e.g. {sorted(missing)[:3]}")
         return split
-    strata = [{"patient_id": r["patient_id"], "stratum": f"{r['source']}:{r['label']}"} for r in rows]
-    return split_patients(strata, cfg.split_fractions, seed=cfg.seed, stratify_by="stratum")
+    return split_patients(rows, cfg.split_fractions, seed=cfg.seed, stratify_by=("source", "label"))
 
 
 def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, generator: torch.Generator,
@@ -423,6 +418,7 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
                      elapsed)
             if best_epoch == epoch + 1:
                 save_learner(out_dir / "bundle", unwrap(model), name=cfg.learner, patch_size=cfg.patch_size,
+                             working_size=cfg.film_size or int(train_set.images.shape[-1]),
                              normalization=cfg.normalization,
                              classes=ROTATION_CLASSES if cfg.task == "rotation" else CLASSES,
                              extra={"input": cfg.input, "film_size": cfg.film_size, "equalize": cfg.equalize,

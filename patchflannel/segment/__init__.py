@@ -4,7 +4,7 @@ from .fcdensenet import PRESETS, FCDenseNet, FCDenseNetConfig, create_fcdensenet
 from .gate import LungCheck, lung_features
 from .model import build_segmentation_model
 from .postprocess import keep_largest_components, postprocess_mask
-from .segmenter import Segmentation, Segmenter, default_bundle_path
+from .segmenter import Segmentation, Segmenter
 
 __all__ = [
     "PRESETS",
@@ -15,7 +15,6 @@ __all__ = [
     "Segmenter",
     "build_segmentation_model",
     "create_fcdensenet",
-    "default_bundle_path",
     "keep_largest_components",
     "load_bundle",
     "lung_features",

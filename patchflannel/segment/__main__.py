@@ -20,16 +20,10 @@ import sys
 from pathlib import Path
 
 from ..errors import PatchflannelError
-from ..shard import Shard
+from ..jobs.shard import Shard
 from ..store import PackWriteError
-from .batch import (
-    EXIT_NOTHING_DONE,
-    EXIT_USAGE,
-    exit_status,
-    job_inputs,
-    merge_shards,
-    run_batch,
-)
+from ..jobs.shell import EXIT_NOTHING_DONE, EXIT_USAGE, exit_status, job_inputs
+from .job import merge_shards, run_batch
 from .segmenter import Segmenter
 
 

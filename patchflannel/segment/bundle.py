@@ -11,8 +11,9 @@ import os
 
 import torch
 
-from ..bundle import CONFIG_FILE, build_from_config, load_state, read_bundle, resolve_bundle, sha256_file, write_bundle
+from ..bundle import CONFIG_FILE, build_from_config, load_state, read_bundle, sha256_file, write_bundle
 from ..errors import WeightsError
+from ..hub import resolve_bundle
 from ..preprocess import SegmenterPreprocess
 from .model import build_segmentation_model
 
@@ -33,7 +34,7 @@ def load_bundle(folder: str | os.PathLike, *, verify: bool = True) -> tuple[torc
 
     Args:
         folder: the bundle folder, or the name of a shipped one (see
-            :func:`patchflannel.bundle.resolve_bundle`).
+            :func:`patchflannel.hub.resolve_bundle`).
         verify: ``False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads a bundle whose
             hashes are missing or do not match, with a warning (see :func:`patchflannel.bundle.read_bundle`).
 

@@ -7,7 +7,7 @@ research code with heavy extra dependencies.
 Presets follow the paper (``fcdensenet56``, ``fcdensenet67``, ``fcdensenet103``) and add
 ``fcdensenet_lite``, a narrow variant sized to train on a 2-core CPU.
 
-Example:
+Examples:
     >>> import torch
     >>> from patchflannel.segment.fcdensenet import create_fcdensenet
     >>> net = create_fcdensenet("fcdensenet56", in_channels=1, num_classes=1)
@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+__all__ = ["PRESETS", "DenseBlock", "DenseLayer", "FCDenseNet", "FCDenseNetConfig", "TransitionDown",
+           "create_fcdensenet"]
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ import numpy as np
 
 from .postprocess import fill_holes
 
+__all__ = ["LungCheck", "lung_features"]
+
 
 def lung_features(probability: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Shape, position and confidence measures of a lung probability map ``(S, S)``.

@@ -19,6 +19,8 @@ from torch import nn
 from ..pretrained import check_timm_name
 from .fcdensenet import FCDenseNet, create_fcdensenet
 
+__all__ = ["build_segmentation_model", "check_smp_encoder", "size_divisor"]
+
 
 def build_segmentation_model(architecture: dict, *, in_channels: int = 1, num_classes: int = 1) -> nn.Module:
     """Build an untrained network from an architecture dict (see module docstring)."""

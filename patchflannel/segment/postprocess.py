@@ -9,6 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+__all__ = ["fill_holes", "keep_largest_components", "postprocess_mask"]
+
 
 def keep_largest_components(mask: np.ndarray, keep: int = 2) -> np.ndarray:
     """The ``keep`` largest 8-connected components of a bool mask (two lungs by default)."""

@@ -4,33 +4,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from ..bundle import resolve_bundle
+from ..hub import default_bundle, resolve_bundle
 from ..errors import WeightsError
 from ..io import as_grey_float
 from ..preprocess import Letterbox, SegmenterPreprocess, resize
-from ..training import autocast, resolve_device
+from ..devices import autocast, resolve_device
 from .bundle import load_bundle
 from .gate import LungCheck
 from .postprocess import postprocess_mask
 
-#: Environment variable that may point to a segmenter bundle folder.
-WEIGHTS_ENV = "PATCHFLANNEL_SEGMENTER"
-DEFAULT_BUNDLE = "segmenter-fcdensenet-lite"
-
-
-def default_bundle_path() -> Path:
-    """``$PATCHFLANNEL_SEGMENTER`` or the bundle shipped in the repository's ``weights/`` folder."""
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "weights" / DEFAULT_BUNDLE
-
+__all__ = ["Segmentation", "Segmenter"]
 
 @dataclass
 class Segmentation:
@@ -67,7 +55,7 @@ class Segmentation:
 class Segmenter:
     """Batched lung segmentation with a trained bundle.
 
-    Example:
+    Examples:
         >>> from patchflannel.segment import Segmenter
         >>> from patchflannel.io import load_image
         >>> seg = Segmenter.from_bundle()                      # doctest: +SKIP
@@ -97,22 +85,19 @@ class Segmenter:
 
     @classmethod
     def from_bundle(cls, folder: str | os.PathLike | None = None, *, verify: bool = True, **kwargs) -> Segmenter:
-        """Load a bundle folder (default: the shipped FC-DenseNet, see :func:`default_bundle_path`).
+        """Load a bundle folder (default: the shipped FC-DenseNet, see :mod:`patchflannel.hub`).
 
         ``folder`` may also name a shipped bundle from any working directory
         (``weights/segmenter-unet-lite0`` or ``segmenter-unet-lite0``; see
-        :func:`patchflannel.bundle.resolve_bundle`). Its config and weights are verified
+        :func:`patchflannel.hub.resolve_bundle`). Its config and weights are verified
         against their recorded hashes; ``verify=False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``)
         loads an unverified bundle, with a warning.
         """
-        folder = folder if folder is not None else default_bundle_path()
-        try:
-            folder = resolve_bundle(folder, "segmenter bundle")
-        except WeightsError as exc:
-            raise WeightsError(f"{exc}; or set {WEIGHTS_ENV} to a bundle folder") from None
+        folder = folder if folder is not None else default_bundle("segmenter")
+        folder = resolve_bundle(folder, "segmenter bundle")
         if not folder.is_dir():
-            raise WeightsError(f"segmenter bundle not found at {folder}: pass a bundle folder, or set "
-                               f"{WEIGHTS_ENV} to one (the repository ships weights/{DEFAULT_BUNDLE})")
+            raise WeightsError(f"segmenter bundle {folder} is not a folder: pass a bundle folder or a shipped name "
+                               "(see patchflannel.hub.SHIPPED)")
         model, config = load_bundle(folder, verify=verify)
         return cls(model, config, name=folder.name, **kwargs)
 

@@ -27,29 +27,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..augment import intensity_jitter, random_affine
-from ..cv import read_split, split_patients, write_split
-from ..data import read_manifest
-from ..distributed import setup, unwrap, wrap
+from ..evaluation.metrics import jaccard_dice
+from ..losses import dice_bce_loss
+from ..training.augment import intensity_jitter, random_affine
+from ..evaluation.splits import read_split, split_patients, write_split
+from ..manifest import read_manifest
+from ..training.distributed import setup, unwrap, wrap
 from ..io import load_image, load_mask
 from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
 from ..files import atomic_write
-from ..training import (
-    LRPolicy,
+from ..devices import resolve_device
+from ..training.loop import (
     grad_scaler,
     optimization_step,
-    resolve_device,
     restore_training_state,
     save_training_state,
     seed_everything,
 )
+from ..training.schedules import LRPolicy
 from .bundle import load_bundle, save_bundle, sha256_file
 from .model import build_segmentation_model
 from .segmenter import Segmenter
+
+__all__ = ["V7_SOURCES", "SegSamples", "SegTrainConfig", "augment", "load_encoder_weights", "load_samples",
+           "main", "train", "validation_jaccard"]
 
 log = logging.getLogger(__name__)
 
@@ -133,25 +137,6 @@ def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load pretrained encoder weights of an smp model from a local file (see
     :func:`patchflannel.pretrained.load_pretrained`: by name or by position, grey first conv)."""
     load_pretrained(model.encoder, path)
-
-
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy plus soft Dice (per image, averaged)."""
-    logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum((1, 2, 3))
-    dice = (2 * inter + 1) / (prob.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
-    return bce + (1 - dice).mean()
-
-
-def jaccard_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Jaccard and Dice of two bool masks (1, 1 when both are empty)."""
-    inter = np.logical_and(pred, truth).sum()
-    total = pred.sum() + truth.sum()
-    if total == 0:
-        return 1.0, 1.0
-    return float(inter / (total - inter)), float(2 * inter / total)
 
 
 def validation_jaccard(model, samples: SegSamples, preprocess: SegmenterPreprocess, device, amp, channels_last) -> float:

@@ -23,6 +23,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+__all__ = ["AUGMENTATIONS", "Augmentation", "elastic_distortion", "gaussian_blur", "intensity_jitter",
+           "perspective_warp", "random_affine"]
+
 
 def _uniform(n: int, generator: torch.Generator):
     return lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+__all__ = ["CpuSyncBatchNorm", "Distributed", "convert_cpu_sync_batchnorm", "setup", "unwrap", "wrap"]
+
 
 @dataclass(frozen=True)
 class Distributed:

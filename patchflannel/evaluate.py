@@ -1,6 +1,6 @@
 """Evaluate a set of patch learners on held-out patients, per class and per ``source``.
 
-    python -m patchflannel.learners.evaluate --learners weights/learners-lite \
+    python -m patchflannel.evaluate --learners weights/learners-lite \
         --packs runs/masked/cxr4.h5 runs/masked/adult.h5 --split weights/learners-lite/split.csv --k 32
 
 All learners see the same K seeded patches of each film (one :class:`PatchEngine` call).
@@ -17,36 +17,21 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..calibration import apply_temperature, expected_calibration_error
-from ..cv import read_split
-from ..metrics import classification_report, fraction_predicted, ranking_report
-from .bundle import load_learner_set
-from .data import load_masked_set, read_rows
-from .engine import PatchEngine
-from .registry import CLASSES, Normalization
+from .ensemble.module import load_weight_module
+from .evaluation.calibration import apply_temperature, expected_calibration_error
+from .evaluation.metrics import score
+from .evaluation.splits import read_split
+from .labels import CLASSES, FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
+from .learners.bundle import load_learner_set
+from .learners.data import read_rows
+from .learners.engine import PatchEngine, predict_probs
+from .learners.registry import Normalization
+
+__all__ = ["evaluate_learners", "main", "markdown_table"]
 
 log = logging.getLogger(__name__)
-
-MEAN_OF_LEARNERS = "mean of learners"
-FLANNEL_ENSEMBLE = "FLANNEL ensemble"
-
-
-def predict_probs(engine: PatchEngine, rows: list[dict], chunk: int = 32, progress: bool = True) -> torch.Tensor:
-    """``(N, L, C)`` mean softmax for ``rows`` (read from their packs a chunk at a time)."""
-    out, handles = [], {}
-    for start in tqdm(range(0, len(rows), chunk), desc="predicting", disable=not progress, leave=False):
-        data = load_masked_set(rows[start:start + chunk], progress=False, handles=handles)
-        result = engine.predict(data.images, data.masks)
-        if any(result.rejected):
-            log.warning("%d films rejected: %s", sum(r is not None for r in result.rejected),
-                        [r for r in result.rejected if r][:3])
-        out.append(result.probs)
-    return torch.cat(out)
-
 
 def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int = 0, device="auto",
                       batch_size: int = 128, progress: bool = True, ensemble_dir=None) -> dict:
@@ -66,8 +51,6 @@ def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int 
     probs = predict_probs(engine, test + external, progress=progress)
     names = list(learners)
     if ensemble_dir is not None:
-        from ..ensemble import load_weight_module
-
         module, ens_config = load_weight_module(ensemble_dir)
         if ens_config["learners"] != names:
             raise ValueError(f"{ensemble_dir} combines {ens_config['learners']}, the learner set has {names}")
@@ -92,46 +75,6 @@ def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int 
     return report
 
 
-COHEN = "cohen"
-
-
-def covid_auc(truth: np.ndarray, probs: np.ndarray) -> float | None:
-    """ROC-AUC of p(covid) for covid films against all others (``None`` without both)."""
-    from sklearn.metrics import roc_auc_score
-
-    is_covid = np.asarray(truth) == CLASSES.index("covid")
-    if is_covid.all() or not is_covid.any():
-        return None
-    return float(roc_auc_score(is_covid, np.asarray(probs)[:, CLASSES.index("covid")]))
-
-
-def score(rows: list[dict], probs: np.ndarray, external_probs: np.ndarray | None = None) -> dict:
-    """One model's report on labelled ``rows`` from its ``(N, C)`` probabilities: the
-    :func:`classification_report`, per-class ROC-/PR-AUC, the same split by ``source``, the
-    fraction of adult (NIH) normal films called each class, and of ``external_probs`` (films
-    outside the four classes, e.g. adult ``other_pneumonia``)."""
-    truth = np.asarray([CLASSES.index(r["label"]) for r in rows])
-    pred = probs.argmax(-1)
-    entry = classification_report(truth, pred)
-    entry["ranking"] = ranking_report(truth, probs)
-    entry["ece"] = expected_calibration_error(probs, truth)
-    entry["by_source"] = {}
-    for s in sorted({r["source"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["source"] == s]
-        entry["by_source"][s] = classification_report(truth[idx], pred[idx])
-    adult_normal = [i for i, r in enumerate(rows) if r["label"] == "normal" and r["source"] == "nih"]
-    entry["adult_normal_called"] = fraction_predicted(pred[adult_normal]) if adult_normal else None
-    # Cohen's films are all adults from the same collection: covid against the rest there is
-    # the one comparison that age and hospital style cannot answer.
-    cohen = np.asarray([i for i, r in enumerate(rows) if r["source"] == COHEN], dtype=int)
-    cohen_other = cohen[truth[cohen] != CLASSES.index("covid")] if len(cohen) else cohen
-    entry["cohen_noncovid_called"] = fraction_predicted(pred[cohen_other]) if len(cohen_other) else None
-    entry["cohen_covid_auc"] = covid_auc(truth[cohen], probs[cohen]) if len(cohen) else None
-    entry["external_other_pneumonia_called"] = (fraction_predicted(external_probs.argmax(-1))
-                                                if external_probs is not None and len(external_probs) else None)
-    return entry
-
-
 def markdown_table(report: dict) -> str:
     """Rows = learners, columns = per-class F1, macro-F1, per-source macro-F1 and shortcut checks."""
     sources = sorted(next(iter(report["learners"].values()))["by_source"])
@@ -148,7 +91,7 @@ def markdown_table(report: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m patchflannel.learners.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m patchflannel.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--learners", type=Path, required=True, help="folder of learner bundles")
     p.add_argument("--packs", nargs="+", required=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["lr_range_test", "save_lr_plot", "suggest", "write_lr_result"]
+
 
 def lr_range_test(step, optimizer, *, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int = 100,
                   smoothing: float = 0.98, diverge: float = 4.0) -> dict:

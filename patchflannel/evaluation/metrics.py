@@ -1,6 +1,6 @@
 """Classification metrics for the four-class task: per-class F1, macro-F1, COVID sensitivity/specificity.
 
-Example:
+Examples:
     >>> report = classification_report([0, 1, 2, 3], [0, 1, 2, 2])
     >>> report["macro_f1"], report["per_class"]["normal"]["f1"]
     (0.6666666666666666, 0.0)
@@ -11,7 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .learners.registry import CLASSES
+from ..labels import CLASSES
+from .calibration import expected_calibration_error
+
+__all__ = ["COHEN", "classification_report", "covid_auc", "fraction_predicted", "jaccard_dice",
+           "ranking_report", "score"]
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str] = CLASSES,
@@ -69,3 +73,52 @@ def fraction_predicted(y_pred: Sequence[int], classes: Sequence[str] = CLASSES) 
     y_pred = np.asarray(y_pred, dtype=int)
     n = max(len(y_pred), 1)
     return {c: float((y_pred == i).sum() / n) for i, c in enumerate(classes)}
+
+
+def jaccard_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Jaccard and Dice of two bool masks (1, 1 when both are empty)."""
+    inter = np.logical_and(pred, truth).sum()
+    total = pred.sum() + truth.sum()
+    if total == 0:
+        return 1.0, 1.0
+    return float(inter / (total - inter)), float(2 * inter / total)
+
+
+COHEN = "cohen"
+
+
+def covid_auc(truth: np.ndarray, probs: np.ndarray) -> float | None:
+    """ROC-AUC of p(covid) for covid films against all others (``None`` without both)."""
+    from sklearn.metrics import roc_auc_score
+
+    is_covid = np.asarray(truth) == CLASSES.index("covid")
+    if is_covid.all() or not is_covid.any():
+        return None
+    return float(roc_auc_score(is_covid, np.asarray(probs)[:, CLASSES.index("covid")]))
+
+
+def score(rows: list[dict], probs: np.ndarray, external_probs: np.ndarray | None = None) -> dict:
+    """One model's report on labelled ``rows`` from its ``(N, C)`` probabilities: the
+    :func:`classification_report`, per-class ROC-/PR-AUC, the same split by ``source``, the
+    fraction of adult (NIH) normal films called each class, and of ``external_probs`` (films
+    outside the four classes, e.g. adult ``other_pneumonia``)."""
+    truth = np.asarray([CLASSES.index(r["label"]) for r in rows])
+    pred = probs.argmax(-1)
+    entry = classification_report(truth, pred)
+    entry["ranking"] = ranking_report(truth, probs)
+    entry["ece"] = expected_calibration_error(probs, truth)
+    entry["by_source"] = {}
+    for s in sorted({r["source"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["source"] == s]
+        entry["by_source"][s] = classification_report(truth[idx], pred[idx])
+    adult_normal = [i for i, r in enumerate(rows) if r["label"] == "normal" and r["source"] == "nih"]
+    entry["adult_normal_called"] = fraction_predicted(pred[adult_normal]) if adult_normal else None
+    # Cohen's films are all adults from the same collection: covid against the rest there is
+    # the one comparison that age and hospital style cannot answer.
+    cohen = np.asarray([i for i, r in enumerate(rows) if r["source"] == COHEN], dtype=int)
+    cohen_other = cohen[truth[cohen] != CLASSES.index("covid")] if len(cohen) else cohen
+    entry["cohen_noncovid_called"] = fraction_predicted(pred[cohen_other]) if len(cohen_other) else None
+    entry["cohen_covid_auc"] = covid_auc(truth[cohen], probs[cohen]) if len(cohen) else None
+    entry["external_other_pneumonia_called"] = (fraction_predicted(external_probs.argmax(-1))
+                                                if external_probs is not None and len(external_probs) else None)
+    return entry

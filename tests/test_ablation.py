@@ -1,9 +1,6 @@
 """The recipe ablation's protocol on a small real set: jobs per recipe x fold on the folds of
 the cross-validation benchmark, paired differences to the baseline, resuming, sharding."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +8,11 @@ import pytest
 pytestmark = pytest.mark.slow  # trains models or starts clusters: minutes
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
 @pytest.fixture(scope="module")
 def recipes():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("recipes", BENCHMARKS / "recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from patchflannel import ablation
+
+    return ablation
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ prediction by one scalar ``T`` fitted on validation films; it changes how sure t
 prediction is, never which class wins. The expected calibration error (ECE) says how far
 the confidence is from the accuracy, before and after.
 
-Example:
+Examples:
     >>> import torch
     >>> from patchflannel.calibration import apply_temperature, expected_calibration_error, fit_temperature
     >>> probs = torch.softmax(torch.randn(200, 4) * 3, -1); labels = torch.randint(0, 4, (200,))
@@ -20,6 +20,9 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+__all__ = ["apply_temperature", "expected_calibration_error", "fit_temperature", "normalised_entropy",
+           "uncertainty"]
 
 _EPS = 1e-7
 

@@ -9,7 +9,7 @@ log beside the others in the shared output folder; a merge step combines the log
 ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT`` (a SLURM array starting at
 ``SLURM_ARRAY_TASK_MIN``).
 
-Example:
+Examples:
     >>> shard = Shard.parse("1/4")
     >>> shard.log_name("summary.jsonl")
     'summary.shard-1-of-4.jsonl'
@@ -22,6 +22,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+__all__ = ["Shard", "shard_logs", "shard_of"]
 
 
 def shard_of(name: str, n: int) -> int:
