@@ -14,7 +14,7 @@ import torch
 
 from patchflannel.training.augment import Augmentation
 from patchflannel.learners.data import load_masked_set, read_rows
-from patchflannel.learners.train import draw_patches
+from patchflannel.learners.data import draw_patches
 from patchflannel.viz import contact_sheet
 
 SETS = ["none", "standard", "strong", "standard+rot15", "standard+elastic", "standard+blur", "standard+randomcrop",

@@ -4,7 +4,7 @@
 
 For each model, the same global batch is trained for ``--steps`` timed steps (after
 ``--warmup``) by one process using all ``--cores`` threads, then by ``--processes``
-processes under ``torch.distributed`` (gloo, ``patchflannel.distributed.wrap``: DDP with
+processes under ``torch.distributed`` (gloo, ``patchflannel.training.distributed.wrap``: DDP with
 synchronised BatchNorm) with ``cores / processes`` threads each; each rank computes its
 share of the batch. Inputs are synthetic (training speed does not depend on pixel values).
 Reported: images per second (median over ``--repeats``) and the ratio n-process / 1-process.

@@ -9,5 +9,5 @@ summary (rows written, rows dropped by reason, rows per label):
 
 The manifest has the columns of ``cxr4/manifest.csv``
 (``image,label,patient_id,source,view,orig_width,orig_height``), image paths relative to its
-folder, and is read with :func:`patchflannel.data.read_manifest`.
+folder, and is read with :func:`patchflannel.manifest.read_manifest`.
 """

@@ -82,7 +82,7 @@ class Manifest:
     """Rows for one manifest CSV, and the count of everything dropped on the way, by reason.
 
     Image paths are stored relative to the manifest's folder, as
-    :func:`patchflannel.data.read_manifest` expects.
+    :func:`patchflannel.manifest.read_manifest` expects.
     """
 
     def __init__(self, out: str | os.PathLike, source: str):

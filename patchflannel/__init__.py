@@ -8,18 +8,18 @@ The whole method in one object::
 
 Public names (imported on first use, so ``import patchflannel`` stays light):
 
-* :class:`Pipeline`, :class:`Prediction`, :func:`write_predictions`: the pipeline, one
+* `Pipeline`, `Prediction`, `write_predictions`: the pipeline, one
   input's result, and writing results to CSV/JSON.
-* :class:`PatchEngine`, :func:`create_learner`: batched patch inference; patch-learner backbones.
-* :class:`FlannelWeightModule`, :class:`FocalLoss`: the FLANNEL weight module and multiclass focal loss.
-* :class:`Segmenter`, :func:`load_image`: Stage 1 lung segmentation; decoding CXR files.
-* Errors: :class:`PatchflannelError` (base), :class:`InvalidImageError`, :class:`WeightsError`,
-  :class:`DataNotFoundError`.
+* `PatchEngine`, `create_learner`: batched patch inference; patch-learner backbones.
+* `FlannelWeightModule`, `FocalLoss`: the FLANNEL weight module and multiclass focal loss.
+* `Segmenter`, `load_image`: Stage 1 lung segmentation; decoding CXR files.
+* Errors: `PatchflannelError` (base), `InvalidImageError`, `WeightsError`,
+  `DataNotFoundError`.
 
-Stage 1 (lung segmentation, masked stores) lives in :mod:`patchflannel.segment` and
-:mod:`patchflannel.store`; image decoding in :mod:`patchflannel.io`. Stage 2 (patch
-learners, batched patch inference) in :mod:`patchflannel.learners`; the FLANNEL weight
-module and focal loss in :mod:`patchflannel.ensemble`. ``python -m patchflannel.segment``
+Stage 1 (lung segmentation, masked stores) lives in `patchflannel.segment` and
+`patchflannel.store`; image decoding in `patchflannel.io`. Stage 2 (patch
+learners, batched patch inference) in `patchflannel.learners`; the FLANNEL weight
+module and focal loss in `patchflannel.ensemble`. ``python -m patchflannel.segment``
 and ``python -m patchflannel.predict`` run the batch jobs over folders and manifests.
 """
 from .errors import (

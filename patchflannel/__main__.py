@@ -1,4 +1,4 @@
-"""``python -m patchflannel``: the ``patchflannel`` command (see :mod:`patchflannel.cli`)."""
+"""``python -m patchflannel``: the ``patchflannel`` command (see `patchflannel.cli`)."""
 import sys
 
 from .cli import main

@@ -4,8 +4,8 @@
 
 Every recipe is the plain baseline (EfficientNet-Lite0 from ImageNet, input-side 30 % frozen,
 AdamW on a one-cycle schedule, standard augmentation, class-balanced sampling: the ``lite``
-recipe) with one option of :class:`patchflannel.learners.train.LearnerTrainConfig` changed
-(:data:`ABLATION`). Each trains on the training folds of each of the five test folds of
+recipe) with one option of `patchflannel.learners.train.LearnerTrainConfig` changed
+(`ABLATION`). Each trains on the training folds of each of the five test folds of
 ``cross_validation.py`` (same ``folds.csv`` drawing, fold ``f+1`` validates) and is scored on
 the test fold's patients. Two control rows use the same budget and folds: training without
 the adult normals (cxr4 only) and the whole-image baseline (the unmasked film letterboxed
@@ -32,6 +32,7 @@ only, when given: every recipe on the same folds).
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import logging
@@ -51,6 +52,7 @@ from .learners.bundle import load_learner
 from .learners.data import FILE_INPUTS, load_learner_inputs, read_rows
 from .learners.registry import Normalization
 from .learners.train import find_lr, predict_inputs, recipe_config, train
+from .errors import run_command
 
 __all__ = ["ABLATION", "BASELINE", "cohen_scores", "collect", "main", "markdown", "predict_films", "run_job",
            "slug"]
@@ -103,7 +105,7 @@ def predict_films(model, cfg, films: list[dict], args) -> np.ndarray:
 
 def cohen_scores(model, cfg, rows: list[dict], roles: dict, args) -> dict:
     """Labels and softmax of every Cohen test-fold film (adults of one collection), pooled over
-    folds by :func:`collect` into the covid-vs-rest AUC that image style cannot answer."""
+    folds by `collect` into the covid-vs-rest AUC that image style cannot answer."""
     films = [r for r in rows if roles[r["patient_id"]] == "test" and r["source"] == COHEN and r["label"] in CLASSES]
     probs = predict_films(model, cfg, films, args)
     return {"labels": [CLASSES.index(r["label"]) for r in films], "probs": np.round(probs, 5).tolist()}
@@ -289,4 +291,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -5,13 +5,13 @@ normalisation, thresholds, temperature...). It records two hashes:
 
 * ``weights_sha256``: the SHA-256 of ``model.safetensors``;
 * ``config_sha256``: the SHA-256 of the config itself (its canonical JSON, see
-  :func:`config_digest`, computed over every key but ``config_sha256``). It includes
+  `config_digest`, computed over every key but ``config_sha256``). It includes
   ``weights_sha256``, so this one hash covers the whole bundle.
 
-Both are checked on load (:func:`read_bundle`): a corrupt, swapped or edited file is
-refused with a :class:`~patchflannel.errors.WeightsError` naming the file, never
+Both are checked on load (`read_bundle`): a corrupt, swapped or edited file is
+refused with a `WeightsError` naming the file, never
 half-used. A bundle whose hashes are missing is refused too. After a deliberate edit,
-:func:`rehash_bundle` (or ``python -m patchflannel.bundle rehash FOLDER``) records the
+`rehash_bundle` (or ``python -m patchflannel.bundle rehash FOLDER``) records the
 new hash. Loading an unverified or edited bundle anyway needs an explicit opt-in: the
 keyword ``verify=False`` of the loaders, or the environment variable
 ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1`` (for the command-line tools); both log a warning.
@@ -20,12 +20,13 @@ against someone who can rewrite the folder: only load bundles from sources you t
 
 Weights load with safetensors only, so no pickled code can run. Nothing is downloaded:
 architecture names that could reach a model hub are refused before anything is built
-(see :func:`patchflannel.pretrained.check_timm_name`).
+(see `patchflannel.pretrained.check_timm_name`).
 
-Bundle paths and names: :func:`patchflannel.hub.resolve_bundle`.
+Bundle paths and names: `patchflannel.hub.resolve_bundle`.
 """
 from __future__ import annotations
 
+import sys
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import WeightsError
+from .errors import WeightsError, run_command
 from .files import atomic_write
 from .hub import resolve_bundle, weights_dir
 
@@ -80,7 +81,7 @@ def canonical_json(config: dict) -> str:
 
 
 def config_digest(config: dict) -> str:
-    """The ``config_sha256`` of a config: SHA-256 of :func:`canonical_json`."""
+    """The ``config_sha256`` of a config: SHA-256 of `canonical_json`."""
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()
 
 
@@ -115,7 +116,7 @@ def write_bundle(folder: str | os.PathLike, model: torch.nn.Module, config: dict
 
 def read_json(path: str | os.PathLike, what: str = "config") -> dict:
     """A JSON object from ``path``; unreadable files, malformed JSON and non-objects raise
-    :class:`WeightsError` naming the file."""
+    `WeightsError` naming the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -148,7 +149,7 @@ def check_config_hash(config: dict, path: str | os.PathLike, *, verify: bool = T
 def read_config(folder: str | os.PathLike, what: str = "model", *, verify: bool = True,
                 required: Iterable[str] = ()) -> dict:
     """The checked config.json of a bundle (``config_sha256`` verified; the weights file's hash
-    is checked by :func:`read_bundle`)."""
+    is checked by `read_bundle`)."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -179,7 +180,7 @@ def read_bundle(folder: str | os.PathLike, what: str = "model", *, verify: bool 
     """The verified state dict (floating tensors as float32) and config of a bundle.
 
     Args:
-        folder: the bundle folder (see :func:`resolve_bundle` for shipped names).
+        folder: the bundle folder (see `resolve_bundle` for shipped names).
         what: the kind of bundle, for messages.
         verify: ``True`` (default) refuses a bundle whose ``config_sha256`` or
             ``weights_sha256`` is missing or wrong. ``False`` (or the environment variable
@@ -259,7 +260,7 @@ def _check_pipeline_spec(spec: dict, path: Path) -> None:
 
 
 def read_pipeline_spec(folder: str | os.PathLike, *, verify: bool = True) -> dict:
-    """The checked ``pipeline.json`` of a pipeline bundle folder (resolved with :func:`resolve_bundle`).
+    """The checked ``pipeline.json`` of a pipeline bundle folder (resolved with `resolve_bundle`).
 
     ``config_sha256`` is verified like a bundle config's (``verify=False`` or
     ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1`` opt out, with a warning); the parts
@@ -375,4 +376,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_command(main))

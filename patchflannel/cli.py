@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .errors import run_command
+
 __all__ = ["COMMANDS", "main"]
 
 #: Subcommand -> (module whose ``main(argv)`` runs it, one line of help).
@@ -60,13 +62,7 @@ def main(argv=None) -> int:
         print(f"patchflannel: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    sys.argv[0] = f"patchflannel {name}"  # argparse's prog in messages
-    try:
-        status = module.main(rest)
-    except SystemExit as exc:  # argparse's usage errors (2) and explicit exits
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0 if status is None or isinstance(status, dict) else int(status)
+    return run_command(module.main, rest)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ re-runs read it back and check that no patient crosses folds. For test fold ``f`
 
 * fold ``f+1`` (mod n) is the validation fold, the other folds train;
 * every learner of ``--learners`` (default: the ``lite`` preset, each with its recipe from
-  :data:`patchflannel.learners.train.RECIPES`) trains on the training folds, with early
+  `patchflannel.learners.train.RECIPES`) trains on the training folds, with early
   stopping on the validation fold;
 * the learners predict the validation and test films (K seeded lung patches each);
 * the FLANNEL weight module is fitted on the validation fold's predictions (out-of-fold for
@@ -63,6 +63,8 @@ from .learners.data import load_whole_image_set, read_rows
 from .learners.engine import PatchEngine, predict_probs
 from .learners.registry import PRESETS, Normalization
 from .learners.train import predict_whole_images, recipe_config, train
+from .patches import DEFAULT_K
+from .errors import run_command
 
 __all__ = ["QUICK", "REDUCED_EPOCHS", "REDUCED_VAL_K", "WHOLE_IMAGE", "WHOLE_IMAGE_DIR", "finish_fold",
            "main", "markdown", "members", "plots", "pooled_cohen", "pooled_predictions", "run_fold",
@@ -81,7 +83,7 @@ REDUCED_VAL_K = 4
 
 
 def write_fold_split(fold: int, rows: list[dict], folds: dict[str, int], args) -> dict[str, str]:
-    """The roles of test fold ``fold`` (:func:`~patchflannel.evaluation.protocol.fold_roles`),
+    """The roles of test fold ``fold`` (`fold_roles`),
     written to ``foldN/split.csv`` for the learners' trainers."""
     fold_dir = args.out / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +366,7 @@ def main(argv=None) -> dict:
     p.add_argument("--learners", nargs="+", default=list(PRESETS["lite"]))
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--folds", nargs="+", type=int, default=None, help="test folds to run (default: all)")
-    p.add_argument("--k", type=int, default=16, help="patches per film at prediction")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="patches per film at prediction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--budget", choices=["recipe", "reduced"], default="recipe",
@@ -426,4 +428,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

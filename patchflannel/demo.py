@@ -3,8 +3,8 @@
     python -m patchflannel.demo --data ../shared/data --out demo_out
 
 Runs the Stage 1 batch job on the sample (``demo_out/masked/``: one masked ``.npz`` per film,
-summary.csv, an HDF5 pack), then the shipped pipeline bundle (segmenter, patch learners,
-FLANNEL weight module) through the predict job's record format
+summary.csv, an HDF5 pack), then Stage 2 of the shipped pipeline bundle (patch learners, FLANNEL
+weight module) on those segmentations (each film is segmented once), in the predict job's record format
 (``demo_out/predictions/predictions.csv``), and writes ``demo_out/report.html`` (per film: the image with its lung outline
 and patch centres, the true label, source and the patient's split in the learners' training,
 the predicted probabilities, the uncertainty, each learner's vote and the Grad-CAM heatmap
@@ -12,6 +12,7 @@ over the lung patches) with ``demo_out/contact_sheet.png``.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import csv
 import html
@@ -24,7 +25,7 @@ import numpy as np
 
 from .evaluation.splits import read_split
 from .manifest import read_manifest
-from .errors import PatchflannelError
+from .errors import PatchflannelError, run_command
 from .io import load_image
 from .labels import CLASSES
 from .preprocess import Letterbox
@@ -101,15 +102,15 @@ def main(argv=None) -> None:
     p.add_argument("--per-group", type=int, default=4, help="films per (label, source) pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pipeline", type=Path, default=None, help="pipeline bundle (default: weights/pipeline-lite)")
-    p.add_argument("--k", type=int, default=32, help="patches per film")
+    p.add_argument("--k", type=int, default=32, help="patches per film (32 keeps the demo short; the pipeline's own default is its bundle's)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, ...")
     args = p.parse_args(argv)
 
     from .hub import default_bundle
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, Prediction
     from .jobs.records import prediction_record, write_prediction_csv
     from .jobs.shell import collect_inputs
-    from .segment.job import run_batch
+    from .segment.job import read_summary, run_batch
 
     try:
         rows = sample_rows(read_manifest(args.data / "cxr4" / "manifest.csv"), args.per_group, args.seed)
@@ -125,9 +126,23 @@ def main(argv=None) -> None:
     masked = args.out / "masked"
     # Outputs named relative to the data's cxr4 folder: masked/images/<label>/<film>.npz
     cxr4 = args.data / "cxr4"
-    stage1 = run_batch(manifest, masked, pipeline.segmenter, h5_path=masked / "sample.h5", root=cxr4)
+    # Stage 1 once: the segment job writes the masked store, and its segmentations go on to Stage 2.
+    segmented: dict[str, tuple] = {}
+    stage1 = run_batch(manifest, masked, pipeline.segmenter, h5_path=masked / "sample.h5", root=cxr4,
+                       on_segmented=lambda item, image, seg: segmented.__setitem__(item.name, (image, seg)))
     items = collect_inputs(manifest, root=cxr4)
-    preds = pipeline.predict([it.path for it in items], explain=True, progress=True)  # kept for the report
+    summary = read_summary(masked)
+    done = [it for it in items if it.name in segmented]
+    by_name = dict(zip((it.name for it in done),
+                       pipeline.predict_segmented([segmented[it.name][0] for it in done],
+                                                  [segmented[it.name][1] for it in done],
+                                                  names=[str(it.path) for it in done], explain=True)))
+    # Films a previous run already segmented (the job resumed past them): Stage 1 and 2 here.
+    earlier = [it for it in items if it.name not in segmented and summary.get(it.name, {}).get("status") == "ok"]
+    by_name.update(zip((it.name for it in earlier), pipeline.predict([it.path for it in earlier], explain=True)))
+    preds = [by_name.get(it.name) or Prediction(source=str(it.path),
+                                                rejection=summary.get(it.name, {}).get("rejection") or "not segmented")
+             for it in items]  # kept for the report
     (args.out / "predictions").mkdir(exist_ok=True)
     write_prediction_csv(args.out / "predictions" / "predictions.csv",
                          [prediction_record(pr, it.name, it.path, it.columns) for it, pr in zip(items, preds)])
@@ -143,4 +158,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

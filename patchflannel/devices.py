@@ -35,7 +35,7 @@ def cpu_bf16_is_fast() -> bool:
 
 
 def cpu_bf16_enabled() -> bool:
-    """Whether ``autocast(cpu, True)`` uses bf16: see :data:`CPU_BF16_ENV`."""
+    """Whether ``autocast(cpu, True)`` uses bf16: see `CPU_BF16_ENV`."""
     choice = os.environ.get(CPU_BF16_ENV, "auto").strip().lower()
     if choice in ("1", "true", "yes", "on"):
         return True
@@ -46,7 +46,7 @@ def cpu_bf16_enabled() -> bool:
 
 def autocast(device: torch.device, enabled: bool = True):
     """Reduced precision where it is fast: bf16 on GPUs that support it (else fp16), bf16 on
-    CPUs with native bf16 kernels (:func:`cpu_bf16_enabled`); float32 otherwise or when disabled."""
+    CPUs with native bf16 kernels (`cpu_bf16_enabled`); float32 otherwise or when disabled."""
     if not enabled:
         return contextlib.nullcontext()
     if device.type == "cuda":

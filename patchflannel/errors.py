@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DataNotFoundError", "InvalidImageError", "PatchflannelError", "WeightsError"]
+__all__ = ["EXIT_NOTHING_DONE", "EXIT_OK", "EXIT_USAGE", "DataNotFoundError", "InvalidImageError", "PatchflannelError",
+           "WeightsError", "run_command"]
 
 
 class PatchflannelError(Exception):
@@ -30,3 +31,32 @@ class WeightsError(PatchflannelError):
 
 class DataNotFoundError(PatchflannelError, FileNotFoundError):
     """A data folder or manifest the caller pointed to does not exist."""
+
+
+#: The exit codes of every command: something was done, nothing could be done, a usage error.
+EXIT_OK, EXIT_NOTHING_DONE, EXIT_USAGE = 0, 1, 2
+
+
+def run_command(main, argv=None) -> int:
+    """Run a command's ``main(argv)`` and turn its outcome into the shared exit code: its own
+    code (``None`` or a result dict: 0), 2 for a usage error (argparse's, or an error of this
+    library or a bad value, printed as one line), 1 for a failure of the system (a full disk, a
+    folder that turned read-only)."""
+    import sys
+
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse's usage errors (2), --help (0), explicit exits
+        code = exc.code
+        if isinstance(code, int):
+            return code
+        if code is not None:
+            print(code, file=sys.stderr)
+        return EXIT_OK if code is None else EXIT_NOTHING_DONE
+    except (PatchflannelError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_NOTHING_DONE
+    return EXIT_OK if status is None or isinstance(status, dict) else int(status)

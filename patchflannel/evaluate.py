@@ -3,7 +3,7 @@
     python -m patchflannel.evaluate --learners weights/learners-lite \
         --packs runs/masked/cxr4.h5 runs/masked/adult.h5 --split weights/learners-lite/split.csv --k 32
 
-All learners see the same K seeded patches of each film (one :class:`PatchEngine` call).
+All learners see the same K seeded patches of each film (one `PatchEngine` call).
 Reported per learner (and for the plain mean of the learners' probabilities, a reference
 point, not the FLANNEL ensemble): image-level macro-F1, accuracy, per-class F1, COVID
 sensitivity/specificity, the same split by ``source``, and two shortcut checks: the
@@ -12,6 +12,7 @@ films (never trained on; patients with no film in training) called covid.
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import logging
@@ -28,12 +29,14 @@ from .learners.bundle import load_learner_set
 from .learners.data import read_rows
 from .learners.engine import PatchEngine, predict_probs
 from .learners.registry import Normalization
+from .patches import DEFAULT_K
+from .errors import run_command
 
 __all__ = ["evaluate_learners", "main", "markdown_table"]
 
 log = logging.getLogger(__name__)
 
-def evaluate_learners(learner_dir, packs, split_file, *, k: int = 32, seed: int = 0, device="auto",
+def evaluate_learners(learner_dir, packs, split_file, *, k: int = DEFAULT_K, seed: int = 0, device="auto",
                       batch_size: int = 128, progress: bool = True, ensemble_dir=None) -> dict:
     """Report every learner of ``learner_dir`` (plus the FLANNEL module of ``ensemble_dir``,
     when given, and the plain mean of the learners) on the test patients of ``split_file``."""
@@ -97,7 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--packs", nargs="+", required=True)
     p.add_argument("--split", type=Path, required=True, help="patient_id,split CSV the learners were trained with")
     p.add_argument("--ensemble", type=Path, default=None, help="FLANNEL weight-module bundle to report too")
-    p.add_argument("--k", type=int, default=32, help="patches per film")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="patches per film")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here (and a .md table beside it)")
@@ -114,4 +117,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

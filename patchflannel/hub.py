@@ -35,7 +35,7 @@ WEIGHTS_ENV = "PATCHFLANNEL_WEIGHTS"
 
 @dataclass(frozen=True)
 class ShippedBundle:
-    """A bundle shipped with the library: its kind, folder (under :func:`weights_dir`) and what it is."""
+    """A bundle shipped with the library: its kind, folder (under `weights_dir`) and what it is."""
 
     kind: str
     folder: str
@@ -72,7 +72,7 @@ def default_bundle(kind: str) -> Path:
 
 
 def shipped_bundles() -> list[str]:
-    """Names of the bundles (and learner sets) present in :func:`weights_dir`."""
+    """Names of the bundles (and learner sets) present in `weights_dir`."""
     root = weights_dir()
     if not root.is_dir():
         return []
@@ -84,7 +84,7 @@ def resolve_bundle(path: str | os.PathLike, what: str = "bundle") -> Path:
 
     An existing path is used as it is. Otherwise a registered name (``lite``), a bare folder
     name (``segmenter-unet-lite0``, ``learners-lite/resnet18``) or a relative
-    ``weights/<name>`` (also ``../weights/<name>``...) resolves in :func:`weights_dir`.
+    ``weights/<name>`` (also ``../weights/<name>``...) resolves in `weights_dir`.
 
     Raises:
         WeightsError: neither; the message lists the shipped bundles.

@@ -17,12 +17,12 @@ Hostile files are refused before they can cost more than the one image they hold
 * only regular files are opened (never a FIFO, a socket, a device such as ``/dev/zero``
   or a directory, whether named directly or through a symbolic link), without blocking,
   and the file is decoded from that one open descriptor;
-* files larger than :attr:`ImageLimits.max_bytes` are refused before any byte is read;
+* files larger than `ImageLimits.max_bytes` are refused before any byte is read;
 * a chest X-ray is one frame: multi-frame DICOM, multi-page TIFF and animated
   GIF/WebP/PNG are refused from their headers (the extra pictures of a JPEG's MPF
   extension, such as previews or gain maps, are ignored: only the primary picture is
   decoded);
-* :attr:`ImageLimits.max_pixels` counts frames x rows x columns x samples per pixel as
+* `ImageLimits.max_pixels` counts frames x rows x columns x samples per pixel as
   declared in the header, checked before a single pixel is decoded; for DICOM the
   whole header (and the declared length, frame structure and codestream header of the
   pixel data) is checked before the pixel data is decoded;
@@ -30,8 +30,8 @@ Hostile files are refused before they can cost more than the one image they hold
   and allows a bounded number of reads, so a file made of millions of tiny chunks,
   markers or data elements is refused within seconds instead of keeping a parser busy
   (a deflated DICOM is parsed in memory by pydicom, bounded by what it may inflate to);
-* everything that cannot be used raises :class:`~patchflannel.errors.InvalidImageError`
-  naming the file and the reason; :func:`load_image` raises nothing else (an unexpected
+* everything that cannot be used raises `InvalidImageError`
+  naming the file and the reason; `load_image` raises nothing else (an unexpected
   error of a decoder, even ``MemoryError``, is reported with its type).
 
 Examples:
@@ -105,7 +105,7 @@ class ImageLimits:
 
 def _is_dicom(path: Path, head: bytes) -> bool:
     """``True`` for the DICOM marker; a preamble-less file is only tried as DICOM by name
-    once no image format has claimed it (see :func:`load_image`)."""
+    once no image format has claimed it (see `load_image`)."""
     return head[128:132] == b"DICM"
 
 
@@ -174,15 +174,15 @@ def to_grey_float(array: np.ndarray, name: str | os.PathLike | None = None) -> n
 
 
 def check_size(image: np.ndarray, name: str | os.PathLike | None = None, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """``image`` itself, if its size is within ``limits`` (what :func:`load_image` applies to
-    files); else :class:`InvalidImageError`."""
+    """``image`` itself, if its size is within ``limits`` (what `load_image` applies to
+    files); else `InvalidImageError`."""
     _check_shape(name, np.shape(image), limits)
     return image
 
 
 def as_grey_float(array: np.ndarray, name: str | os.PathLike | None = None) -> np.ndarray:
     """``array`` itself when it is already a float32 2-D grey image in [0, 1] (what
-    :func:`load_image` returns), else :func:`to_grey_float` of it."""
+    `load_image` returns), else `to_grey_float` of it."""
     if (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.ndim == 2 and array.size
             and bool(np.isfinite(array).all()) and float(array.min()) >= 0.0 and float(array.max()) <= 1.0):
         return array
@@ -232,7 +232,7 @@ def _open_error(path: Path, exc: OSError) -> InvalidImageError:
 
 def _open_regular(path: Path, limits: ImageLimits) -> tuple[int, int]:
     """``(descriptor, size)`` of ``path`` opened read-only, once it is known to be a regular,
-    non-empty file within ``limits.max_bytes``; else :class:`InvalidImageError`.
+    non-empty file within ``limits.max_bytes``; else `InvalidImageError`.
 
     ``stat`` first, so a device or FIFO is never even opened; ``O_NONBLOCK``, so a file
     swapped for a FIFO in between cannot block the open; then ``fstat`` of the descriptor
@@ -273,7 +273,7 @@ def _open_regular(path: Path, limits: ImageLimits) -> tuple[int, int]:
 
 
 class _TooManyReads(BaseException):
-    """Raised by :class:`_Reader` past its read budget. A BaseException, so that no decoder's
+    """Raised by `_Reader` past its read budget. A BaseException, so that no decoder's
     ``except Exception`` (nor Pillow's trying of the next format) can swallow it."""
 
 
@@ -975,7 +975,7 @@ def load_image(path: str | os.PathLike, *, limits: ImageLimits = ImageLimits()) 
         InvalidImageError: missing, empty, special, truncated, corrupt, non-image, too
             large, too small or multi-frame files, with the file name and the reason. No
             other exception escapes: an unexpected error while decoding (``MemoryError``
-            too) becomes an :class:`InvalidImageError` naming its type.
+            too) becomes an `InvalidImageError` naming its type.
     """
     try:
         path = Path(os.fsdecode(path))
@@ -1017,7 +1017,7 @@ def load_image(path: str | os.PathLike, *, limits: ImageLimits = ImageLimits()) 
 
 def declared_pixels(path: str | os.PathLike) -> int:
     """The pixels (rows x columns) ``path``'s header declares, read without decoding: what a batch
-    job reserves for it before decoding. 0 when it cannot tell (:func:`load_image` then refuses
+    job reserves for it before decoding. 0 when it cannot tell (`load_image` then refuses
     the file, quickly)."""
     path = Path(path)
     try:

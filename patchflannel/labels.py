@@ -1,7 +1,7 @@
 """The four classes and the names of the two ways predictions are combined.
 
 Every model, metric and record uses these; a bundle records its own ``classes`` and
-:class:`~patchflannel.Pipeline` labels its outputs with the bundle's, checked against these.
+`Pipeline` labels its outputs with the bundle's, checked against these.
 """
 from __future__ import annotations
 

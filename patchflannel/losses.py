@@ -26,7 +26,7 @@ class FocalLoss(nn.Module):
     stacking samples almost no gradient, so it is available but not the default.
 
     Args:
-        alpha: per-class weights ``(C,)`` (e.g. :func:`class_alpha` of the training fold) or None.
+        alpha: per-class weights ``(C,)`` (e.g. `class_alpha` of the training fold) or None.
         gamma: focusing parameter >= 0.
         reduction: ``"mean"`` over samples, ``"sum"``, or ``"none"``.
     """

@@ -1,7 +1,7 @@
 """Strict reading of an input manifest CSV (the batch jobs' ``MANIFEST.csv``).
 
-:func:`read_inputs_manifest` turns a manifest into :class:`ManifestRow` objects or refuses it
-with a :class:`ManifestError` whose message names the file, the line and the problem, and
+`read_inputs_manifest` turns a manifest into `ManifestRow` objects or refuses it
+with a `ManifestError` whose message names the file, the line and the problem, and
 says how to fix it. It never guesses: a manifest that could be read two ways is refused.
 
 Rules
@@ -24,7 +24,7 @@ Rules
   Two rows naming the same path (after normalisation) are refused. Other cells are kept
   verbatim (no stripping, no type conversion).
 * **NUL bytes** anywhere are refused (usually a UTF-16 or binary file).
-* **Size**: a single field longer than :func:`csv.field_size_limit` (131,072 characters by
+* **Size**: a single field longer than `csv.field_size_limit` (131,072 characters by
   default) is refused.
 * A manifest with a header and no data rows is refused unless ``allow_empty=True``.
 
@@ -144,7 +144,7 @@ def read_inputs_manifest(path: str | os.PathLike, path_column: str = "image", *,
             these names is refused instead of silently clashing.
 
     Returns:
-        One :class:`ManifestRow` per data row, in file order.
+        One `ManifestRow` per data row, in file order.
 
     Raises:
         DataNotFoundError: ``path`` does not exist or is not a file.

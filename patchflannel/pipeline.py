@@ -2,7 +2,7 @@
 
 A pipeline bundle is a folder with ``pipeline.json`` naming its parts (segmenter, learner
 set, optional FLANNEL weight module: each a bundle folder, given relative to the pipeline
-folder) and the inference settings (K, seed). :meth:`Pipeline.save_pretrained` writes a
+folder) and the inference settings (K, seed). `Pipeline.save_pretrained` writes a
 self-contained one; the shipped default ``weights/pipeline-lite`` points at its sibling
 bundles in ``weights/``.
 
@@ -62,16 +62,16 @@ class Prediction:
             majority vote.
         learner_weights: the weight module's weight per learner for this input.
         uncertainty: ``entropy``, ``vote_entropy``, ``learner_disagreement`` and ``margin``
-            (see :func:`patchflannel.calibration.uncertainty`).
+            (see `patchflannel.evaluation.calibration.uncertainty`).
         rejection: why the input was not classified (unreadable file, no plausible lungs...).
         lung_fraction: fraction of the image covered by the lung mask.
-        mask: the lung mask on the letterboxed working grid (not in :meth:`to_dict`; stored
+        mask: the lung mask on the letterboxed working grid (not in `to_dict`; stored
             bit-packed in ``packed_mask``).
-        centres: ``(K, 2)`` patch centres on the working grid (not in :meth:`to_dict`).
+        centres: ``(K, 2)`` patch centres on the working grid (not in `to_dict`).
         heatmap: with ``explain=True``, the ensemble's probabilistic Grad-CAM for ``label``,
             ``(W/4, W/4)`` float in [0, 1] on the working grid, zero outside the lung (not in
-            :meth:`to_dict`); ``learner_heatmaps`` holds each learner's and ``working_image``
-            the letterboxed grey film they lie on (:func:`patchflannel.viz.explanation_figure`
+            `to_dict`); ``learner_heatmaps`` holds each learner's and ``working_image``
+            the letterboxed grey film they lie on (`patchflannel.viz.explanation_figure`
             draws the three).
     """
 
@@ -121,14 +121,14 @@ class Pipeline:
     """Segmenter + patch learners + (optional) FLANNEL weight module, batched end to end.
 
     Args:
-        segmenter: a :class:`~patchflannel.segment.Segmenter` (its working size is the patch grid).
+        segmenter: a `Segmenter` (its working size is the patch grid).
         learners: ``{name: module}`` patch learners sharing ``patch_size`` and ``normalization``.
-        weight_module: a fitted :class:`~patchflannel.ensemble.FlannelWeightModule` over the
+        weight_module: a fitted `FlannelWeightModule` over the
             learners in this order; ``None`` combines by the plain mean of the learners.
         temperature: divides the log-probabilities of the combined prediction (calibration fitted
             with the weight module; 1 leaves them as they are).
         classes: the learners' output classes, in order (from their bundles); labels the outputs.
-        k: patches per image (default :data:`~patchflannel.patches.DEFAULT_K`, the method's 100).
+        k: patches per image (default `DEFAULT_K`, the method's 100).
         seed: base seed of the per-image patch sampling (same input, same output).
         batch_size: images decoded, segmented and classified together.
         device: ``"auto"`` (cuda when present), ``"cpu"``, ...
@@ -157,10 +157,10 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
-        """Load a pipeline bundle by name (``"lite"``, the default; see :mod:`patchflannel.hub`)
+        """Load a pipeline bundle by name (``"lite"``, the default; see `patchflannel.hub`)
         or by path. ``kwargs`` (``k``, ``seed``, ``batch_size``...) override
         the bundle's settings. Nothing is downloaded; missing or corrupt parts raise
-        :class:`~patchflannel.WeightsError` saying which."""
+        `WeightsError` saying which."""
         folder = resolve_bundle(path or default_bundle("pipeline"), "pipeline bundle")
         spec = read_pipeline_spec(folder)
         part = lambda key: None if spec.get(key) is None else folder / spec[key]
@@ -232,7 +232,7 @@ class Pipeline:
         Unreadable files and images without plausible lungs come back as predictions with a
         ``rejection`` (never an exception), so one bad input never stops a batch. With
         ``explain=True`` each accepted prediction carries Grad-CAM heatmaps (see
-        :mod:`patchflannel.explain`; costs about three times the prediction itself).
+        `patchflannel.explain`; costs about three times the prediction itself).
         """
         single = isinstance(inputs, (str, os.PathLike, np.ndarray))
         items = [inputs] if single else list(inputs)
@@ -256,15 +256,38 @@ class Pipeline:
             preds.append(pred)
         readable = [i for i, im in enumerate(images) if im is not None]
         segs = self.segmenter.segment_batch([images[i] for i in readable], original_mask=False) if readable else []
+        self._classify(preds, images, dict(zip(readable, segs)), explain)
+        return preds
+
+    def predict_segmented(self, images: Sequence[np.ndarray], segmentations: Sequence, *,
+                          names: Sequence[str] | None = None, explain: bool = False) -> list[Prediction]:
+        """Stage 2 only: classify decoded films (float grey, as `load_image`
+        returns them) that this pipeline's segmenter has already segmented on its working grid
+        (e.g. by the segment job, `patchflannel.segment.job.run_batch`), so nothing is
+        segmented twice. Gives what `predict` gives for the same films."""
+        if len(images) != len(segmentations):
+            raise ValueError(f"{len(images)} images and {len(segmentations)} segmentations")
+        names = list(names) if names is not None else [f"array[{i}]" for i in range(len(images))]
+        out: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(images)))
+            preds = [Prediction(source=names[i]) for i in chunk]
+            self._classify(preds, [images[i] for i in chunk], {j: segmentations[i] for j, i in enumerate(chunk)},
+                           explain)
+            out += preds
+        return out
+
+    def _classify(self, preds: list[Prediction], images: list, segs: dict, explain: bool) -> None:
+        """Fill ``preds`` from the segmentations ``segs`` (``{index: Segmentation}``) of ``images``."""
         todo = []
-        for i, seg in zip(readable, segs):
+        for i, seg in segs.items():
             preds[i].lung_fraction, preds[i].mask = seg.lung_fraction, seg.working_mask
             if seg.rejection:
                 preds[i].rejection = seg.rejection
             else:
                 todo.append((i, seg))
         if not todo:
-            return preds
+            return
         masked = np.stack([s.masked_working_image for _, s in todo])
         # Seeded by the decoded input, not the masked film: a mask pixel decided differently
         # (another device or precision) then moves only the centres that landed on it.
@@ -298,7 +321,6 @@ class Pipeline:
             pred.centres = result.centres[j].numpy()
             if explain:
                 self._explain(pred, todo[j][1], masked[j])
-        return preds
 
     def _explain(self, pred: Prediction, seg, masked: np.ndarray) -> None:
         from .explain import lung_heatmap

@@ -9,7 +9,7 @@ manifest's other columns kept) is rewritten atomically at the end. Exit codes (s
 ``patchflannel.segment``): 0 something was done, 1 nothing could be done, 2 a usage error;
 ``--retry-failed`` redoes inputs recorded as rejected or error. ``--explain`` also writes ``FOLDER/overlays/<input>.png``
 for every classified input: the film with its lung outline, the Grad-CAM heatmap over the
-lung patches, the probabilities and the uncertainty (:func:`patchflannel.viz.explanation_figure`).
+lung patches, the probabilities and the uncertainty (`patchflannel.viz.explanation_figure`).
 ``--shard i/n`` runs one of n shards into the same folder (``--shard auto`` under torchrun or
 a SLURM array); ``--merge`` then writes ``predictions.jsonl``/``.csv`` as one job would.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import PatchflannelError
+from .errors import PatchflannelError, run_command
 from .files import atomic_write
 from .jobs.records import (
     drop_torn_tail,
@@ -79,9 +79,9 @@ def run_predict(source, out_dir, pipeline, *, batch_size: int = 8, explain: bool
                 items: list[BatchInput] | None = None) -> dict:
     """Predict every input of ``source`` not yet in ``out_dir``; returns counts by status.
     ``explain`` writes an overlay PNG per classified input. With ``shard``, only that shard's
-    inputs, logged apart; :func:`merge_predictions` combines the shards. ``retry_failed`` redoes
+    inputs, logged apart; `merge_predictions` combines the shards. ``retry_failed`` redoes
     inputs recorded as rejected or error (a full disk, a file fixed since). ``items``: the
-    inputs, if already listed with :func:`~patchflannel.jobs.shell.collect_inputs`.
+    inputs, if already listed with `collect_inputs`.
 
     Returns ``{"inputs", "ok", "rejected", "error", "skipped", "total"}``: the statuses of the
     inputs done by this run, as the segment job counts them; ``skipped`` were done by an
@@ -197,4 +197,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -2,7 +2,7 @@
 
 The segmenter default is the reference preprocessing of the patch-by-patch method
 (Oh, Park & Ye, 2020): histogram equalisation computed on the full-resolution image,
-gamma 0.5, resize to a square network input. :class:`SegmenterPreprocess` bundles the
+gamma 0.5, resize to a square network input. `SegmenterPreprocess` bundles the
 steps with their settings so the same object (serialised in the weights' config.json)
 is applied in training and inference.
 

@@ -1,6 +1,6 @@
 """Masked CXR stores: one ``.npz`` per image, or one HDF5 pack per dataset.
 
-``.npz`` keys (written by :func:`write_masked_npz`: the zip-of-.npy format of
+``.npz`` keys (written by `write_masked_npz`: the zip-of-.npy format of
 ``np.savez_compressed``, deflate level 1 with run-length encoding, atomic):
 
 ========================  ======================================================
@@ -15,9 +15,9 @@
 ``image`` (optional)      uint8 ``(W, W)``: the letterboxed image without masking
 ========================  ======================================================
 
-HDF5 packs (:func:`pack_npz_files`) hold the same arrays stacked along a first axis,
+HDF5 packs (`pack_npz_files`) hold the same arrays stacked along a first axis,
 chunked one image per chunk and LZF-compressed for fast random reads, plus the
-manifest columns as string datasets; :class:`H5MaskedDataset` reads them from
+manifest columns as string datasets; `H5MaskedDataset` reads them from
 DataLoader workers (each worker opens its own handle).
 
 Pack columns: any column name is allowed (``''``, ``'a/b'``, ``'.'``, non-ASCII, very long,
@@ -55,8 +55,8 @@ __all__ = ["COLUMN_NAMES", "ITEM_ARRAY_KEYS", "NPZ_ARRAY_KEYS", "H5MaskedDataset
 log = logging.getLogger(__name__)
 
 NPZ_ARRAY_KEYS = ("masked_image", "mask", "orig_shape", "content_box", "scale")
-#: Keys of an :class:`H5MaskedDataset` item that hold arrays; a column with one of these names
-#: is left out of items (it stays in ``dataset.columns`` and :meth:`H5MaskedDataset.row`).
+#: Keys of an `H5MaskedDataset` item that hold arrays; a column with one of these names
+#: is left out of items (it stays in ``dataset.columns`` and `H5MaskedDataset.row`).
 ITEM_ARRAY_KEYS = ("masked_image", "mask", "orig_shape", "content_box")
 COLUMN_NAMES = "column_names"  # root dataset of a pack: JSON [[name, key], ...]
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -227,7 +227,7 @@ def _pack_failure(stderr: str) -> str:
 
 
 def _write_pack(npz_paths: list[Path], out_path, columns: dict[str, list[str]], compression: str) -> None:
-    """The pack itself (run in the child process of :func:`pack_npz_files`)."""
+    """The pack itself (run in the child process of `pack_npz_files`)."""
     import h5py
 
     keys = column_keys(list(columns))
@@ -268,8 +268,8 @@ class H5MaskedDataset:
 
     ``dataset[i]`` is a dict with ``masked_image``, ``mask``, ``orig_shape``, ``content_box``
     and every stored column under its original name, except a column named like one of
-    those arrays (:data:`ITEM_ARRAY_KEYS`), which never replaces it: read it from
-    ``dataset.columns`` (name -> list of values, in column order) or :meth:`row`.
+    those arrays (`ITEM_ARRAY_KEYS`), which never replaces it: read it from
+    ``dataset.columns`` (name -> list of values, in column order) or `row`.
 
     Examples:
         >>> ds = H5MaskedDataset("cxr4.h5")            # doctest: +SKIP

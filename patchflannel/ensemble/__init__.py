@@ -1,5 +1,5 @@
-"""Stage 2's combiner: the FLANNEL neural weight module (:mod:`.module`) and its fitting on
-out-of-fold learner probabilities (:mod:`.fit`); ``python -m patchflannel.ensemble`` fits one."""
+"""Stage 2's combiner: the FLANNEL neural weight module (`.module`) and its fitting on
+out-of-fold learner probabilities (`.fit`); ``python -m patchflannel.ensemble`` fits one."""
 from .fit import WeightModuleConfig, crossfit_temperature, fit_weight_module
 from .module import FlannelWeightModule, load_weight_module, save_weight_module
 

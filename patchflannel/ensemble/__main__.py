@@ -22,8 +22,11 @@ from ..learners.bundle import load_learner_set
 from ..learners.data import read_rows
 from ..learners.engine import PatchEngine, predict_probs
 from ..learners.registry import Normalization
+from ..options import add_config_arguments, config_from_args
+from ..patches import DEFAULT_K
 from .fit import WeightModuleConfig, crossfit_temperature, fit_weight_module
 from .module import save_weight_module
+from ..errors import run_command
 
 
 def main(argv=None) -> int:
@@ -34,11 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", type=Path, required=True, help="patient_id,split CSV the learners were trained with")
     p.add_argument("--fit-on", default="val", help="split whose films the module is fitted on (never 'train')")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    p.add_argument("--k", type=int, default=16, help="patches per film")
-    p.add_argument("--gamma", type=float, default=WeightModuleConfig.gamma)
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--steps", type=int, default=WeightModuleConfig.steps)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="patches per film (the K the pipeline will run at)")
+    add_config_arguments(p, WeightModuleConfig, help={"gamma": "focal-loss focusing parameter",
+                                                      "hidden": "a hidden layer of this width (not the paper's)"})
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.fit_on == "train":
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     rows = [r for r in read_rows(args.packs) if split.get(r["patient_id"]) == args.fit_on and r["label"] in CLASSES]
     probs = predict_probs(engine, rows)
     labels = np.asarray([CLASSES.index(r["label"]) for r in rows])
-    config = WeightModuleConfig(gamma=args.gamma, hidden=args.hidden, steps=args.steps, seed=args.seed)
+    config = config_from_args(WeightModuleConfig, args)
     module = fit_weight_module(probs, labels, config)
     fitted = classification_report(labels, module.predict_proba(probs).argmax(-1).numpy())
     temperature, oof = crossfit_temperature(probs, labels, [r["patient_id"] for r in rows], config)
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
                               "calibration": calibration})
     print(json.dumps({"films": len(rows), "macro_f1_on_fitting_films": fitted["macro_f1"], **calibration,
                       "out": str(args.out)}))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -8,6 +8,8 @@ import torch
 
 from ..losses import FocalLoss, class_alpha
 from ..training.distributed import setup
+from ..training.loop import fit
+from ..training.schedules import LRPolicy
 from .module import FlannelWeightModule
 
 __all__ = ["WeightModuleConfig", "crossfit_temperature", "fit_weight_module"]
@@ -15,7 +17,7 @@ __all__ = ["WeightModuleConfig", "crossfit_temperature", "fit_weight_module"]
 
 @dataclass
 class WeightModuleConfig:
-    """How :func:`fit_weight_module` trains the weight module (saved beside its weights).
+    """How `fit_weight_module` trains the weight module (saved beside its weights).
 
     Full-batch AdamW on the focal loss for a fixed number of steps: the stacking set is a few
     hundred out-of-fold predictions and the module has ~2,000 parameters, so there is no
@@ -35,11 +37,11 @@ class WeightModuleConfig:
 
 def fit_weight_module(probs, labels, config: WeightModuleConfig | None = None,
                       alpha: torch.Tensor | None = None) -> FlannelWeightModule:
-    """Train a :class:`FlannelWeightModule` on ``(N, L, C)`` learner probabilities and ``(N,)`` labels.
+    """Train a `FlannelWeightModule` on ``(N, L, C)`` learner probabilities and ``(N,)`` labels.
 
     ``probs`` must be out-of-fold: predictions of learners for images they were not trained
     on (stacking on in-sample predictions teaches the module to trust overfitted learners).
-    ``alpha`` defaults to :func:`class_alpha` of ``labels``. Deterministic for a given seed.
+    ``alpha`` defaults to `class_alpha` of ``labels``. Deterministic for a given seed.
     """
     config = config or WeightModuleConfig()
     probs = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
@@ -52,24 +54,21 @@ def fit_weight_module(probs, labels, config: WeightModuleConfig | None = None,
     torch.manual_seed(config.seed)
     module = FlannelWeightModule(probs.shape[1], num_classes, hidden=config.hidden)
     alpha = class_alpha(labels, num_classes) if alpha is None else alpha
-    # Under torchrun each rank takes a share of the films and the summed gradients are the
-    # full batch's: the same module as one process fits.
     place, _ = setup(torch.device("cpu"))
     n_total = len(labels)
-    probs, labels = place.share(probs), place.share(labels)
-    loss_fn = FocalLoss(alpha, gamma=config.gamma, reduction="sum" if place.active else "mean")
+    if place.active:
+        # Each rank sums the loss over its share of the films, scaled so that the gradients
+        # averaged over ranks are those of the mean over all films: the module one process fits.
+        summed = FocalLoss(alpha, gamma=config.gamma, reduction="sum")
+        loss_fn = lambda logits, y: summed(logits, y) * (place.world / n_total)  # noqa: E731
+    else:
+        loss_fn = FocalLoss(alpha, gamma=config.gamma)
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    module.train()
-    for _ in range(config.steps):
-        optimizer.zero_grad()
-        loss = loss_fn(module(probs), labels)
-        if place.active:
-            loss = loss / n_total  # this rank's part of the mean over all films
-        loss.backward()
-        if place.active:
-            for p in module.parameters():
-                torch.distributed.all_reduce(p.grad)
-        optimizer.step()
+    # Full batch, a fixed number of steps (one "epoch" each), no validation: see WeightModuleConfig.
+    fit(module, optimizer, LRPolicy(optimizer, "constant", epochs=config.steps, steps_per_epoch=1),
+        epochs=config.steps, steps_per_epoch=1, images_per_step=n_total, seed=config.seed,
+        draw_order=lambda _: torch.arange(n_total), make_batch=lambda idx, _: (probs[idx], labels[idx]),
+        loss=loss_fn, place=place, device=torch.device("cpu"), progress=False)
     return module.eval()
 
 
@@ -88,6 +87,6 @@ def crossfit_temperature(probs, labels, groups, config: WeightModuleConfig | Non
 
     probs, labels = np.asarray(probs, dtype=np.float32), np.asarray(labels)
     oof = np.zeros((len(probs), probs.shape[2]), np.float32)
-    for fit, held in GroupKFold(n_splits=n_splits).split(probs, labels, np.asarray(groups)):
-        oof[held] = fit_weight_module(probs[fit], labels[fit], config).predict_proba(probs[held]).numpy()
+    for fitting, held in GroupKFold(n_splits=n_splits).split(probs, labels, np.asarray(groups)):
+        oof[held] = fit_weight_module(probs[fitting], labels[fitting], config).predict_proba(probs[held]).numpy()
     return fit_temperature(oof, labels), oof

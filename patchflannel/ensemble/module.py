@@ -1,10 +1,6 @@
 """The FLANNEL neural weight module: its network, and its bundle format.
 
-Fitting the module for a learner set (on the set's validation patients, whose films no
-learner trained on):
-
-    python -m patchflannel.ensemble --learners weights/learners-lite --split weights/learners-lite/split.csv \
-        --packs runs/masked/cxr4.h5 runs/masked/adult.h5 --out weights/ensemble-lite
+Fitting it: `patchflannel.ensemble.fit`, and ``python -m patchflannel.ensemble`` for a learner set.
 
 The weight module combines L base learners' C-class probabilities: with ``f`` the
 concatenation of the L probability vectors (L*C values), ``w = tanh(Linear(vec(f f^T)))``
@@ -16,7 +12,6 @@ Examples:
     >>> probs = torch.softmax(torch.randn(8, 5, 4), -1)     # (batch, learners, classes)
     >>> logits = module(probs)                               # softmax(logits) is the prediction
     >>> combined = module.predict_proba(probs)               # that softmax, without gradients
-    >>> loss = FocalLoss(alpha=class_alpha(torch.tensor([0, 1, 2, 3, 3])), gamma=2.0)(logits, torch.zeros(8, dtype=torch.long))
 """
 from __future__ import annotations
 
@@ -78,7 +73,7 @@ def save_weight_module(folder: str | os.PathLike, module: FlannelWeightModule, *
     """Write the module as a bundle; ``learners`` records the order of axis 1 its inputs need,
     ``fit_k`` the patches per film of the probabilities it was fitted on (a pipeline at another K
     feeds it averages of another sharpness, and says so) and ``temperature`` the calibration of
-    its combined prediction (see :func:`patchflannel.ensemble.fit.crossfit_temperature`)."""
+    its combined prediction (see `patchflannel.ensemble.fit.crossfit_temperature`)."""
     if len(learners) != module.num_learners:
         raise ValueError(f"{len(learners)} learner names for a module of {module.num_learners} learners")
     hidden = module.weights[0].out_features if isinstance(module.weights, nn.Sequential) else None
@@ -88,16 +83,16 @@ def save_weight_module(folder: str | os.PathLike, module: FlannelWeightModule, *
 
 
 def load_weight_module(folder: str | os.PathLike, *, verify: bool = True) -> tuple[FlannelWeightModule, dict]:
-    """The module of a bundle written by :func:`save_weight_module`, and its config.
+    """The module of a bundle written by `save_weight_module`, and its config.
 
     ``folder`` may name a shipped bundle from any working directory (``weights/ensemble-lite``
-    or ``ensemble-lite``, see :func:`patchflannel.hub.resolve_bundle`). Its config
+    or ``ensemble-lite``, see `patchflannel.hub.resolve_bundle`). Its config
     (learner order, temperature...) and weights are verified against their recorded hashes;
     ``verify=False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads an unverified bundle,
     with a warning.
 
     Raises:
-        WeightsError: see :func:`patchflannel.bundle.read_bundle`; also keys of the wrong type
+        WeightsError: see `patchflannel.bundle.read_bundle`; also keys of the wrong type
             or a non-positive temperature, naming the config file.
     """
     folder = resolve_bundle(folder, "weight module bundle")

@@ -7,7 +7,7 @@ the confidence is from the accuracy, before and after.
 
 Examples:
     >>> import torch
-    >>> from patchflannel.calibration import apply_temperature, expected_calibration_error, fit_temperature
+    >>> from patchflannel.evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature
     >>> probs = torch.softmax(torch.randn(200, 4) * 3, -1); labels = torch.randint(0, 4, (200,))
     >>> t = fit_temperature(probs, labels)             # > 1: these random "predictions" are overconfident
     >>> expected_calibration_error(apply_temperature(probs, t), labels) < expected_calibration_error(probs, labels)
@@ -38,7 +38,7 @@ def apply_temperature(probs, temperature: float) -> torch.Tensor:
 
 def fit_temperature(probs, labels, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """The temperature minimising the negative log-likelihood of ``labels`` under
-    :func:`apply_temperature` (a one-dimensional search over ``log T``, deterministic)."""
+    `apply_temperature` (a one-dimensional search over ``log T``, deterministic)."""
     log_p, y = _log(probs), torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     def nll(log_t: float) -> float:

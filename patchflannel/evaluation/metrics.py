@@ -24,7 +24,7 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes:
     matrix (rows = truth), and sensitivity/specificity of ``positive`` against the rest.
 
     Classes absent from ``y_true`` still count in macro-F1 (as sklearn's ``labels=``); use
-    :func:`fraction_predicted` for sets that hold only one class.
+    `fraction_predicted` for sets that hold only one class.
     """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -99,7 +99,7 @@ def covid_auc(truth: np.ndarray, probs: np.ndarray) -> float | None:
 
 def score(rows: list[dict], probs: np.ndarray, external_probs: np.ndarray | None = None) -> dict:
     """One model's report on labelled ``rows`` from its ``(N, C)`` probabilities: the
-    :func:`classification_report`, per-class ROC-/PR-AUC, the same split by ``source``, the
+    `classification_report`, per-class ROC-/PR-AUC, the same split by ``source``, the
     fraction of adult (NIH) normal films called each class, and of ``external_probs`` (films
     outside the four classes, e.g. adult ``other_pneumonia``)."""
     truth = np.asarray([CLASSES.index(r["label"]) for r in rows])

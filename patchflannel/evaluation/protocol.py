@@ -4,12 +4,12 @@ plays for a given test fold, and which films the stacking and the scoring use.
 For test fold ``f`` of ``n``: fold ``(f + 1) % n`` validates (early stopping, and the
 FLANNEL module is fitted on its predictions: out-of-fold for every learner, since none trained
 on it), the other folds train. Folds are grouped by patient and stratified by label
-(:func:`~patchflannel.evaluation.splits.assign_folds`), drawn once and written to
+(`assign_folds`), drawn once and written to
 ``folds.csv`` so a run can be reproduced and audited. The weight module's temperature is fitted
-per fold on the validation fold by :func:`patchflannel.ensemble.fit.crossfit_temperature`.
+per fold on the validation fold by `patchflannel.ensemble.fit.crossfit_temperature`.
 
 Examples:
-    >>> rows = [{"input": f"a{i}.npz", "pack": "x.h5", "patient_id": f"p{i}", "label": "covid"} for i in range(3)]
+    >>> rows = [{"pack": "x.h5", "index": i, "patient_id": f"p{i}", "label": "covid"} for i in range(3)]
     >>> fold_roles(0, 3, rows, {film_id(r): i for i, r in enumerate(rows)})
     {'p0': 'test', 'p1': 'val', 'p2': 'train'}
 """
@@ -29,8 +29,8 @@ FOLDS_FILE = "folds.csv"
 
 
 def film_id(row: dict) -> str:
-    """A film's identity across packs: ``<pack stem>/<input>``."""
-    return f"{Path(row['pack']).stem}/{row['input']}"
+    """A film's identity across packs: ``<pack file name>:<row index in the pack>``."""
+    return f"{Path(row['pack']).name}:{row['index']}"
 
 
 def fold_assignment(rows: list[dict], out: str | Path, n_folds: int, seed: int) -> dict[str, int]:

@@ -91,7 +91,7 @@ def write_folds(rows: list[dict], folds: dict[str, int], path: str | os.PathLike
 
 
 def read_folds(path: str | os.PathLike) -> list[dict]:
-    """Rows of a fold file (``fold`` as int), checked with :func:`check_no_patient_crosses_folds`."""
+    """Rows of a fold file (``fold`` as int), checked with `check_no_patient_crosses_folds`."""
     with open(Path(path), newline="") as f:
         rows = [{**row, "fold": int(row["fold"])} for row in csv.DictReader(f)]
     check_no_patient_crosses_folds(rows)

@@ -4,7 +4,7 @@ Every input of a job gets one record: ``input`` (its name in the outputs), ``pat
 manifest columns, ``status`` (``ok`` / ``rejected`` / ``error``), ``rejection`` (why, when not
 ok) and the job's own fields (``output`` for the segment job; ``predicted``, ``probabilities``...
 for predict). Records are appended to a JSON-lines log as inputs finish (a killed job resumes
-from it) and written out as CSV at the end, by :func:`write_csv`, the one CSV writer.
+from it) and written out as CSV at the end, by `write_csv`, the one CSV writer.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ RECORD_FIELDS = frozenset({"input", "path", "status", "reason", "rejection", "ou
                            "predicted", "probabilities", "combiner", "learners", "learner_weights", "uncertainty",
                            "overlay"})
 
-#: The uncertainty measures a prediction record carries (see :func:`patchflannel.evaluation.calibration.uncertainty`).
+#: The uncertainty measures a prediction record carries (see `patchflannel.evaluation.calibration.uncertainty`).
 UNCERTAINTY = ("entropy", "vote_entropy", "learner_disagreement", "margin")
 #: ``summary.csv`` of the segment job.
 SUMMARY_FIELDS = ("input", "status", "rejection", "output", "lung_fraction", "orig_shape", "path")
@@ -55,7 +55,7 @@ def error_record(name: str, path, exc: BaseException, columns: dict | None = Non
 
 
 def prediction_record(pred, name: str | None = None, path=None, columns: dict | None = None) -> dict:
-    """A :class:`~patchflannel.Prediction` as a record: the input (``name``/``path`` default to
+    """A `Prediction` as a record: the input (``name``/``path`` default to
     the prediction's ``source``), its manifest columns (a ``label`` column stays the truth), and
     the prediction (``predicted``, probabilities, per-learner results) or the rejection."""
     result = pred.to_dict()
@@ -113,7 +113,7 @@ def merge_logs(out_dir: Path, base: str, names: list[str]) -> list[dict]:
 
 def write_csv(path: str | os.PathLike, records: Sequence[dict], fields: Sequence[str]) -> None:
     """One row per record with ``fields`` as columns (other keys dropped; text made printable,
-    see :func:`printable_name`), written atomically."""
+    see `printable_name`), written atomically."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
     writer.writeheader()
@@ -137,7 +137,7 @@ def write_prediction_csv(path: str | os.PathLike, records: Sequence[dict]) -> No
 
 
 def write_predictions(predictions: Sequence, path: str | os.PathLike) -> None:
-    """Write :class:`~patchflannel.Prediction` objects to ``.csv`` (one row each, as the predict
+    """Write `Prediction` objects to ``.csv`` (one row each, as the predict
     job writes them) or ``.json`` (a list of their records), atomically."""
     path = Path(path)
     records = [prediction_record(p) for p in predictions]

@@ -1,7 +1,7 @@
 """The batch jobs' shell, shared by ``segment``, ``predict`` and the demo: listing inputs from
 a folder, a manifest or a file (names that cannot escape the output folder), checking the
 output folder before any model loads, the pixel budget, temporary-file clean-up after a kill,
-and the exit codes. What a job writes per input lives in :mod:`patchflannel.jobs.records`.
+and the exit codes. What a job writes per input lives in `patchflannel.jobs.records`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PatchflannelError
+from ..errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_USAGE, PatchflannelError  # noqa: F401 (re-exported for the jobs)
 from ..manifest import read_inputs_manifest
 from .records import RECORD_FIELDS, printable_name
 from .shard import Shard
@@ -29,14 +29,12 @@ log = logging.getLogger(__name__)
 #: are an image (DICOM is often stored without a suffix).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".gif", ".webp",
                   ".dcm", ".dicom", ".dic"}
-#: Leading bytes of the formats :func:`patchflannel.io.load_image` reads.
+#: Leading bytes of the formats `patchflannel.io.load_image` reads.
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF87a", b"GIF89a")
 #: Default bound on decoded pixels held by a batch job at once (about 0.5 GB as float32): one
 #: 100 MP film at a time, or 32 films of 4 MP.
 MAX_PIXELS_IN_FLIGHT = 128_000_000
 
-# Exit codes shared by the batch jobs.
-EXIT_OK, EXIT_NOTHING_DONE, EXIT_USAGE = 0, 1, 2
 
 
 @dataclass
@@ -190,7 +188,12 @@ def job_inputs(source, out_dir, path_column: str = "image") -> tuple[Path, list[
     now is removed again, so nothing is left behind."""
     created = not Path(out_dir).exists()
     out = prepare_out_dir(out_dir)
-    items = collect_inputs(source, path_column, exclude=out)
+    try:
+        items = collect_inputs(source, path_column, exclude=out)
+    except BaseException:
+        if created:
+            out.rmdir()
+        raise
     if not items and created:
         out.rmdir()
     return out, items
@@ -208,7 +211,7 @@ def exit_status(counts: dict) -> int:
 def output_path(out_dir: Path, name: str) -> Path:
     """``<out_dir>/<name>.npz``, refusing names that would land outside ``out_dir``; a file name
     too long for the file system once ``.npz`` and a temporary suffix are added is shortened
-    (readable start + a hash of the whole name, see :func:`unique_file_name`)."""
+    (readable start + a hash of the whole name, see `unique_file_name`)."""
     leaf = Path(name).name
     if len(os.fsencode(leaf)) > 200:  # 255 bytes per name, less ``.npz`` and the temporary file's marks
         name = (Path(name).parent / unique_file_name(leaf)).as_posix()

@@ -2,7 +2,7 @@
 learner sets: a folder of such folders (e.g. ``weights/learners-lite/``).
 
 Every bundle's config and weights hashes are checked on load (see
-:func:`patchflannel.bundle.read_bundle`; ``verify=False`` or
+`patchflannel.bundle.read_bundle`; ``verify=False`` or
 ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1`` opt out, with a warning), and a learner name that
 could make timm download is refused before anything is built."""
 from __future__ import annotations
@@ -45,7 +45,7 @@ def load_learner(folder: str | os.PathLike, *, verify: bool = True) -> tuple[tor
     are missing or do not match, with a warning.
 
     Raises:
-        WeightsError: see :func:`patchflannel.bundle.read_bundle`; also a learner name that is
+        WeightsError: see `patchflannel.bundle.read_bundle`; also a learner name that is
             unknown or could download, or keys of the wrong type, naming the config file.
     """
     folder = resolve_bundle(folder, "learner bundle")
@@ -76,12 +76,12 @@ def load_learner_set(folder: str | os.PathLike | None = None, *,
     (classes, patch size, normalisation) they must agree on.
 
     ``folder`` may name a shipped set from any working directory (``weights/learners-lite``
-    or ``learners-lite``, see :func:`patchflannel.hub.resolve_bundle`). ``verify=False``
+    or ``learners-lite``, see `patchflannel.hub.resolve_bundle`). ``verify=False``
     (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads bundles whose hashes are missing or do
     not match, with a warning.
 
     Raises:
-        WeightsError: no bundles, a bundle that fails its checks (see :func:`load_learner`), or
+        WeightsError: no bundles, a bundle that fails its checks (see `load_learner`), or
             bundles that disagree on classes, patch size or normalisation.
     """
     folder = folder or default_bundle("learners")

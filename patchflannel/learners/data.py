@@ -2,7 +2,7 @@
 
 Rows come from Stage 1 HDF5 packs (``python -m patchflannel.segment MANIFEST --h5 PACK``),
 whose manifest columns carry ``label``, ``patient_id`` and ``source``. Labels outside
-:data:`CLASSES` (e.g. ``adult/``'s ``other_pneumonia``) are kept as rows with class index
+`CLASSES` (e.g. ``adult/``'s ``other_pneumonia``) are kept as rows with class index
 -1: never trained on, available for external checks.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ from ..io import load_image
 from ..preprocess import Letterbox
 from ..store import H5MaskedDataset
 from ..labels import CLASSES
+from ..patches import extract_patches, sample_centres
 
-__all__ = ["FILE_INPUTS", "LEARNER_INPUTS", "WHOLE_INPUTS", "MaskedSet", "equalize_lung",
+__all__ = ["draw_patches", "FILE_INPUTS", "LEARNER_INPUTS", "WHOLE_INPUTS", "MaskedSet", "equalize_lung",
            "load_learner_inputs", "load_masked_set", "load_whole_image_set", "read_rows"]
 
 
@@ -55,7 +56,7 @@ def read_rows(packs: Sequence[str | os.PathLike]) -> list[dict]:
 
 def load_masked_set(rows: Sequence[dict], classes: Sequence[str] = CLASSES, progress: bool = True,
                     handles: dict[str, H5MaskedDataset] | None = None) -> MaskedSet:
-    """Read the pixels of ``rows`` (from :func:`read_rows`) into memory. Pass the same
+    """Read the pixels of ``rows`` (from `read_rows`) into memory. Pass the same
     ``handles`` dict to successive calls to keep the packs open between them."""
     handles = {} if handles is None else handles
     images, masks = [], []
@@ -85,7 +86,7 @@ def load_whole_image_set(rows: Sequence[dict], image_roots: dict[str, str | os.P
     return _as_set(rows, images, masks, classes)
 
 
-#: What a learner sees (``LearnerTrainConfig.input``), built by :func:`load_learner_inputs`.
+#: What a learner sees (``LearnerTrainConfig.input``), built by `load_learner_inputs`.
 LEARNER_INPUTS: dict[str, str] = {
     "patches": "lung-centred patches of the lung-masked film (the method; the only input a Pipeline runs)",
     "patches_unmasked": "lung-centred patches of the unmasked film (ablation: what the mask does)",
@@ -102,12 +103,12 @@ def load_learner_inputs(rows: Sequence[dict], input: str = "patches", size: int 
                         image_roots: dict[str, str | os.PathLike] | None = None, film_size: int | None = None,
                         equalize: bool = False, classes: Sequence[str] = CLASSES,
                         progress: bool = True) -> MaskedSet:
-    """The films of ``rows`` as the learner of ``input`` (a key of :data:`LEARNER_INPUTS`) sees
+    """The films of ``rows`` as the learner of ``input`` (a key of `LEARNER_INPUTS`) sees
     them: working-size films and lung masks for patch inputs, ``size x size`` films for
-    :data:`WHOLE_INPUTS`.
+    `WHOLE_INPUTS`.
 
     ``image_roots`` (pack -> folder of its manifest's relative paths) is needed for
-    :data:`FILE_INPUTS`. ``film_size`` resizes the films of patch inputs first, so that a
+    `FILE_INPUTS`. ``film_size`` resizes the films of patch inputs first, so that a
     patch covers ``working size / film_size`` times the field (patch scale). ``equalize``
     maps each film's intensities through the histogram of its lung pixels (of the whole film
     for ``whole_image``), a per-film equalisation that removes much of a device's grey-level
@@ -179,3 +180,11 @@ def _as_set(rows: Sequence[dict], images: list, masks: list, classes: Sequence[s
     index = {c: i for i, c in enumerate(classes)}
     labels = np.asarray([index.get(r["label"], -1) for r in rows], dtype=np.int64)
     return MaskedSet(torch.stack(images), torch.stack(masks), labels, list(rows))
+
+
+def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, generator: torch.Generator,
+                 min_lung_pixels: int) -> torch.Tensor:
+    """``k`` random lung patches of each image in ``indices``: ``(len * k, 1, size, size)`` float in [0, 1]."""
+    centres = torch.stack([sample_centres(data.masks[i], k, generator=generator, min_pixels=min_lung_pixels)
+                           for i in indices.tolist()])
+    return extract_patches(data.images[indices][:, None], centres, size).float() / 255.0

@@ -82,7 +82,7 @@ class PatchEngine:
         channels_last: memory format for the forward passes.
         compile: wrap each learner in ``torch.compile``.
         seed: base seed; each image's centres come from a generator seeded by its content
-            (or the seed passed to :meth:`predict`) and this seed, so the same image gives the
+            (or the seed passed to `predict`) and this seed, so the same image gives the
             same patches anywhere in any batch.
         min_lung_pixels: masks with fewer lung pixels are rejected, not sampled.
     """
@@ -164,8 +164,8 @@ class PatchEngine:
             images: ``(N, H, W)`` uint8 (0-255) or float (0-1) masked working-size images, as a
                 tensor, array or list of arrays (e.g. ``masked_image`` of the Stage 1 store).
             masks: ``(N, H, W)`` bool lung masks on the same grid.
-            seeds: one patch-sampling seed per image (e.g. :func:`~patchflannel.patches.image_seed`
-                of the decoded, unmasked input, as :class:`~patchflannel.Pipeline` passes);
+            seeds: one patch-sampling seed per image (e.g. `image_seed`
+                of the decoded, unmasked input, as `Pipeline` passes);
                 default: a hash of each image given here, which changes with its mask.
             return_patch_probs: also return every patch's softmax.
         """

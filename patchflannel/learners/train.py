@@ -10,7 +10,7 @@ mirror-symmetric) and takes an AdamW (Adam, SGD) step on a one-cycle schedule (`
 cyclic, step decay, reduce-on-plateau or constant; ``--layer-decay`` for discriminative,
 layer-wise rates). After every epoch
 the image-level macro-F1 on the validation patients (mean softmax over ``--val-k``
-seeded patches, through :class:`PatchEngine`) selects the best model, which is exported
+seeded patches, through `PatchEngine`) selects the best model, which is exported
 as a bundle (``bundle/``); training stops early after ``--patience`` epochs without
 improvement. The full training state is checkpointed every epoch; re-running the same
 command resumes exactly.
@@ -18,7 +18,7 @@ command resumes exactly.
 ``--input whole_image`` trains the same backbone on the whole, unmasked film letterboxed
 to ``--patch-size`` pixels (a baseline; ``--image-roots`` gives each pack's image folder),
 with the same augmentation, optimiser and model selection. The other inputs of
-:data:`~patchflannel.learners.data.LEARNER_INPUTS` (unmasked patches, the whole masked film,
+`LEARNER_INPUTS` (unmasked patches, the whole masked film,
 the lung box), ``--film-size`` (patch scale) and ``--equalize`` are ablations of what the
 method's input does; a Pipeline runs only ``patches`` learners at the working size.
 
@@ -29,42 +29,44 @@ label; ``split.csv``), or ``--split`` reuses a split. Labels outside the four cl
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..training.augment import Augmentation
-from ..evaluation.splits import read_split, split_patients, write_split
-from ..training.distributed import setup, unwrap, wrap
-from ..losses import FocalLoss
-from ..training.lr_finder import lr_range_test, write_lr_result
-from ..evaluation.metrics import classification_report
-from ..patches import extract_patches, sample_centres
 from ..devices import autocast, resolve_device
-from ..training.loop import grad_scaler, optimization_step, restore_training_state, save_training_state
-from ..training.schedules import LRPolicy, OPTIMIZERS, SCHEDULES, layer_groups, make_optimizer
+from ..evaluation.metrics import classification_report
+from ..evaluation.splits import read_split, split_patients, write_split
+from ..labels import CLASSES
+from ..losses import FocalLoss
+from ..options import add_config_arguments, config_from_args
+from ..training.augment import Augmentation
+from ..training.distributed import setup
+from ..training.loop import fit, grad_scaler, optimization_step
+from ..training.lr_finder import lr_range_test, write_lr_result
+from ..training.schedules import OPTIMIZERS, SCHEDULES, LRPolicy, layer_groups, make_optimizer
 from .bundle import save_learner
 from .data import (
     FILE_INPUTS,
     LEARNER_INPUTS,
     WHOLE_INPUTS,
     MaskedSet,
+    draw_patches,
     load_learner_inputs,
     read_rows,
 )
 from .engine import PatchEngine
-from ..labels import CLASSES
 from .registry import Normalization, create_learner
+from ..errors import run_command
 
 __all__ = ["RECIPES", "ROTATION_CLASSES", "LearnerTrainConfig", "config_record", "draw_inputs",
-           "draw_patches", "evaluate", "find_lr", "main", "make_split", "predict_inputs",
+           "evaluate", "find_lr", "main", "make_split", "predict_inputs",
            "predict_whole_images", "recipe_config", "rotate_quarters", "style_balanced_weights", "train",
            "training_batch"]
 
@@ -90,7 +92,7 @@ class LearnerTrainConfig:
     lr: float = 1e-3  # the head-side rate (the peak rate for onecycle/cyclic)
     weight_decay: float = 0.05
     momentum: float = 0.9  # SGD momentum, Adam beta1 (cycled 0.85-0.95 by onecycle/cyclic)
-    schedule: str = "onecycle"  # see patchflannel.training.LRPolicy
+    schedule: str = "onecycle"  # see patchflannel.training.schedules.LRPolicy
     step_size: int = 7  # epochs between decays ("step")
     gamma: float = 0.1  # decay factor ("step", "plateau")
     plateau_patience: int = 2  # epochs without improvement before a "plateau" decay
@@ -125,7 +127,7 @@ RECIPES: dict[str, dict] = {
 
 
 def recipe_config(learner: str, **overrides) -> LearnerTrainConfig:
-    """The :data:`RECIPES` configuration of ``learner`` (defaults for others), batch 32, validation
+    """The `RECIPES` configuration of ``learner`` (defaults for others), batch 32, validation
     K 8, with ``overrides`` applied last."""
     return LearnerTrainConfig(**{"learner": learner, "batch_size": 32, "val_k": 8,
                                  **RECIPES.get(learner, {}), **overrides})
@@ -142,21 +144,13 @@ def make_split(rows: list[dict], cfg: LearnerTrainConfig) -> dict[str, str]:
     return split_patients(rows, cfg.split_fractions, seed=cfg.seed, stratify_by=("source", "label"))
 
 
-def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, generator: torch.Generator,
-                 min_lung_pixels: int) -> torch.Tensor:
-    """``k`` random lung patches of each image in ``indices``: ``(len * k, 1, size, size)`` float in [0, 1]."""
-    centres = torch.stack([sample_centres(data.masks[i], k, generator=generator, min_pixels=min_lung_pixels)
-                           for i in indices.tolist()])
-    return extract_patches(data.images[indices][:, None], centres, size).float() / 255.0
-
-
 def draw_inputs(data: MaskedSet, indices: torch.Tensor, cfg: LearnerTrainConfig, augmentation: Augmentation,
                 generator: torch.Generator) -> torch.Tensor:
     """A training batch in [0, 1] augmented with ``augmentation`` (``cfg.augment``, parsed once per
     run): ``patches_per_image`` lung patches per image, or the whole images for
-    ``cfg.input`` in :data:`WHOLE_INPUTS`."""
+    ``cfg.input`` in `WHOLE_INPUTS`."""
     if cfg.input in WHOLE_INPUTS:
-        return augmentation(data.images[indices][:, None].float() / 255.0, generator, max_translate=0.05)
+        return augmentation(data.images[indices][:, None].float() / 255.0, generator)
     x = draw_patches(data, indices, cfg.patches_per_image, cfg.patch_size, generator, cfg.min_lung_pixels)
     return augmentation(x, generator, keep_zero=True)  # intensity changes inside the lung only
 
@@ -178,7 +172,7 @@ def predict_whole_images(model: torch.nn.Module, images: torch.Tensor, normaliza
 def predict_inputs(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, device, k: int,
                    chunk: int = 16) -> torch.Tensor:
     """Softmax ``(N, C)`` of a learner trained with ``cfg`` for ``data`` (from
-    :func:`~patchflannel.learners.data.load_learner_inputs` with ``cfg``'s input): the
+    `load_learner_inputs` with ``cfg``'s input): the
     whole-image softmax, or the mean over ``k`` seeded lung patches per film."""
     if cfg.input in WHOLE_INPUTS:
         return predict_whole_images(model, data.images, cfg.normalization, device)
@@ -262,6 +256,9 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     per_image = 1 if cfg.input in WHOLE_INPUTS else cfg.patches_per_image
+    augmentation = Augmentation.parse(cfg.augment)
+    if cfg.input in WHOLE_INPUTS:  # whole films also shift a little
+        augmentation = replace(augmentation, translate=max(augmentation.translate, 0.05))
     class_weight = torch.as_tensor(counts.sum() / np.maximum(counts, 1) / len(CLASSES), dtype=torch.float32)
     sample_weight = None
     if cfg.task == "rotation":  # four rotations drawn uniformly: nothing to balance
@@ -275,7 +272,7 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
         elif cfg.balance == "source":
             sample_weight = style_balanced_weights(train_set.labels, [r["source"] for r in train_set.rows])
     return _Run(place, device, progress, train_set, val_set, model, [p for p in params if p.requires_grad],
-                max(1, cfg.batch_size // per_image), Augmentation.parse(cfg.augment), loss_fn, sample_weight)
+                max(1, cfg.batch_size // per_image), augmentation, loss_fn, sample_weight)
 
 
 def style_balanced_weights(labels: np.ndarray, sources: list[str]) -> torch.Tensor:
@@ -362,74 +359,38 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     steps_per_epoch = math.ceil(len(train_set) / run.images_per_step)
     scheduler = LRPolicy(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                          step_size=cfg.step_size, gamma=cfg.gamma, plateau_patience=cfg.plateau_patience)
-    scaler = grad_scaler(device, cfg.amp)
-    loss_fn = run.loss_fn
-
-    history, best, best_epoch, start_epoch, elapsed = [], -1.0, 0, 0, 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
-    state = restore_training_state(ckpt_path, model, optimizer, scheduler)
-    if state is not None:
-        history, best, best_epoch = json.loads(state["history"]), state["best"], state["best_epoch"]
-        start_epoch = state["epoch"] + 1
-        elapsed = history[-1]["elapsed_s"] if history else 0.0
-        log.info("resumed after epoch %d (best val macro-F1 %.4f)", state["epoch"] + 1, best)
-        _apply_changed_hyperparameters(json.loads(state.get("config", "{}")), cfg, optimizer, scheduler)
-    model = wrap(model, place, device)
     record = {**config_record(cfg), "packs": [Path(p).name for p in packs]}
+    classes = ROTATION_CLASSES if cfg.task == "rotation" else CLASSES
 
-    epochs_run = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        if epoch - best_epoch >= cfg.patience and best_epoch > 0:
-            log.info("early stop: no improvement since epoch %d", best_epoch)
-            break
-        if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
-            break
-        t0 = time.perf_counter()
-        # Seeded per epoch, so a resumed run draws exactly what an uninterrupted run would.
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
+    def draw_order(generator: torch.Generator) -> torch.Tensor:
         if run.sample_weight is not None:
-            order = torch.multinomial(run.sample_weight, len(train_set), replacement=True, generator=generator)
-        else:
-            order = torch.randperm(len(train_set), generator=generator)
-        model.train()
-        losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for step in bar:
-            idx = order[step * run.images_per_step:(step + 1) * run.images_per_step]
-            x, y = training_batch(run, idx, cfg, generator)  # the global batch, on every rank alike
-            x, y = place.share(x), place.share(y).to(device)
-            losses.append(optimization_step(model, x,
-                                            lambda logits: loss_fn(logits.float(), y),  # noqa: B023 (called now)
-                                            optimizer, scheduler, device=device, amp=cfg.amp,
-                                            channels_last=cfg.channels_last, scaler=scaler))
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        report = place.from_main(lambda: evaluate(unwrap(model), val_set, cfg, device, cfg.val_k))
-        elapsed += time.perf_counter() - t0
-        scheduler.epoch_end(report["macro_f1"])
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": report["macro_f1"],
-                        "val_accuracy": report["accuracy"],
-                        "val_f1": {c: v["f1"] for c, v in report["per_class"].items()},
-                        "lr": scheduler.get_last_lr()[-1], "elapsed_s": round(elapsed, 1)})
-        if report["macro_f1"] > best:
-            best, best_epoch = report["macro_f1"], epoch + 1
-        if place.main:  # rank 0 logs and writes; the others follow its validation score
-            log.info("epoch %d: loss %.4f, val macro-F1 %.4f, %.0f s", epoch + 1, np.mean(losses), report["macro_f1"],
-                     elapsed)
-            if best_epoch == epoch + 1:
-                save_learner(out_dir / "bundle", unwrap(model), name=cfg.learner, patch_size=cfg.patch_size,
-                             working_size=cfg.film_size or int(train_set.images.shape[-1]),
-                             normalization=cfg.normalization,
-                             classes=ROTATION_CLASSES if cfg.task == "rotation" else CLASSES,
-                             extra={"input": cfg.input, "film_size": cfg.film_size, "equalize": cfg.equalize,
-                                    "training": {**record, "best_epoch": best_epoch, "val_macro_f1": best}})
-            save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
-                                best_epoch=best_epoch, history=json.dumps(history), config=json.dumps(record))
-            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-            if on_epoch is not None:
-                on_epoch(history[-1], ckpt_path)
-        place.barrier()  # a resumed job finds the checkpoint every rank trained to
-        epochs_run += 1
+            return torch.multinomial(run.sample_weight, len(train_set), replacement=True, generator=generator)
+        return torch.randperm(len(train_set), generator=generator)
+
+    def validate(model: torch.nn.Module) -> dict:
+        report = evaluate(model, val_set, cfg, device, cfg.val_k)
+        return {"val_macro_f1": report["macro_f1"], "val_accuracy": report["accuracy"],
+                "val_f1": {c: v["f1"] for c, v in report["per_class"].items()}}
+
+    def save_best(model: torch.nn.Module, entry: dict) -> None:
+        save_learner(out_dir / "bundle", model, name=cfg.learner, patch_size=cfg.patch_size,
+                     working_size=cfg.film_size or int(train_set.images.shape[-1]),
+                     normalization=cfg.normalization, classes=classes,
+                     extra={"input": cfg.input, "film_size": cfg.film_size, "equalize": cfg.equalize,
+                            "training": {**record, "best_epoch": entry["best_epoch"],
+                                         "val_macro_f1": entry["val_macro_f1"]}})
+
+    result = fit(model, optimizer, scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                 images_per_step=run.images_per_step, seed=cfg.seed, draw_order=draw_order,
+                 make_batch=lambda idx, g: training_batch(run, idx, cfg, g),
+                 loss=lambda logits, y: run.loss_fn(logits.float(), y), place=place, device=device, amp=cfg.amp,
+                 channels_last=cfg.channels_last, validate=validate, score="val_macro_f1", patience=cfg.patience,
+                 out_dir=out_dir, on_best=save_best, on_epoch=on_epoch,
+                 on_resume=lambda state: _apply_changed_hyperparameters(json.loads(state.get("config", "{}")), cfg,
+                                                                       optimizer, scheduler),
+                 extra_state={"config": json.dumps(record)}, max_epochs_this_run=max_epochs_this_run,
+                 progress=progress)
+    history, best, best_epoch = result["history"], result["best"], result["best_epoch"]
     return {"history": history, "best_val_macro_f1": best, "best_epoch": best_epoch}
 
 
@@ -437,9 +398,9 @@ def find_lr(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfi
             progress: bool = True, limit: int | None = None, image_roots: list[str | Path] | None = None,
             start_lr: float = 1e-7, end_lr: float = 1.0, steps: int = 100) -> dict:
     """Learning-rate range test of ``cfg`` (same data, model, freezing, optimiser, layer-wise
-    ratios, augmentation and loss as :func:`train`): writes ``lr_find.json`` and
+    ratios, augmentation and loss as `train`): writes ``lr_find.json`` and
     ``lr_find.png`` to ``out_dir`` and returns the sweep with its suggestions (see
-    :mod:`patchflannel.lr_finder`). Trains nothing that is kept."""
+    `patchflannel.training.lr_finder`). Trains nothing that is kept."""
     out_dir = Path(out_dir)
     run = _prepare(packs, out_dir, cfg, device=device, progress=progress, limit=limit, image_roots=image_roots)
     optimizer = make_optimizer(layer_groups(run.trainable, start_lr, cfg.layer_decay), cfg.optimizer,
@@ -487,56 +448,46 @@ def _apply_changed_hyperparameters(saved: dict, cfg: LearnerTrainConfig, optimiz
             group["betas"] = (cfg.momentum, group["betas"][1])
 
 
-def main(argv=None) -> None:
+#: Help texts of the options generated from `LearnerTrainConfig`.
+OPTION_HELP = {
+    "input": "; ".join(f"{k}: {v}" for k, v in LEARNER_INPUTS.items()),
+    "film_size": "patch inputs: resize the films to this many pixels first (patch scale: a patch covers "
+                 "working size / film size times the field)",
+    "equalize": "per-film histogram equalisation of the lung pixels",
+    "learner": "backbone name (see patchflannel.learners.create_learner)",
+    "weights": "'imagenet' (installed weights package) or a local weights file",
+    "freeze_fraction": "keep this fraction of the (pretrained) parameter tensors, input side first, frozen",
+    "batch_size": "patches per step",
+    "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+    "lr": "head-side (peak) learning rate",
+    "momentum": "SGD momentum / Adam beta1",
+    "schedule": f"one of {', '.join(SCHEDULES)}",
+    "step_size": "epochs between decays (--schedule step)",
+    "gamma": "decay factor (--schedule step/plateau)",
+    "layer_decay": "discriminative fine-tuning: each earlier quarter of the layers trains at this times the "
+                   "next one's rate (1 = one rate)",
+    "balance": "class balancing: sampler (weighted sampling by class), source (by class then source: "
+               "style-balanced), loss (class-weighted), focal or none",
+    "augment": "augmentation set: standard, none or strong, '+'-joined with modifiers (rot5 rot15 zoom "
+               "lighting warp elastic blur centrecrop randomcrop flip)",
+    "val_k": "patches per validation image",
+    "split_file": "patient_id,split CSV to reuse instead of drawing one",
+    "amp": "bf16/fp16 autocast where fast (float32 is faster for depthwise convolutions on CPU)",
+    "task": "rotation: label-free pretraining (predict each patch's quarter turn) on every film of the "
+            "training patients; fine-tune from its bundle with --weights BUNDLE/model.safetensors",
+}
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m patchflannel.learners.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = LearnerTrainConfig
     p.add_argument("--packs", nargs="+", required=True, help="Stage 1 HDF5 packs with label/patient_id/source columns")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, split, history, bundle/")
-    p.add_argument("--input", choices=list(LEARNER_INPUTS), default=d.input,
-                   help="; ".join(f"{k}: {v}" for k, v in LEARNER_INPUTS.items()))
     p.add_argument("--image-roots", nargs="+", default=None,
                    help=f"with --input {' or '.join(FILE_INPUTS)}: the folder of each pack's manifest "
                         "(its relative image paths)")
-    p.add_argument("--film-size", type=int, default=None,
-                   help="patch inputs: resize the films to this many pixels first (patch scale: a patch covers "
-                        "working size / film size times the field)")
-    p.add_argument("--equalize", action="store_true", help="per-film histogram equalisation of the lung pixels")
-    p.add_argument("--learner", default=d.learner, help="backbone name (see patchflannel.learners.create_learner)")
-    p.add_argument("--weights", default=None, help="'imagenet' (installed weights package) or a local weights file")
-    p.add_argument("--freeze-fraction", type=float, default=d.freeze_fraction,
-                   help="keep this fraction of the (pretrained) parameter tensors, input side first, frozen")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="patches per step")
-    p.add_argument("--patches-per-image", type=int, default=d.patches_per_image)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr, help="head-side (peak) learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum / Adam beta1")
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    p.add_argument("--step-size", type=int, default=d.step_size, help="epochs between decays (--schedule step)")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="decay factor (--schedule step/plateau)")
-    p.add_argument("--layer-decay", type=float, default=d.layer_decay,
-                   help="discriminative fine-tuning: each earlier quarter of the layers trains at this "
-                        "times the next one's rate (1 = one rate)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--balance", choices=("sampler", "source", "loss", "focal", "none"), default=d.balance,
-                   help="class balancing: weighted sampling by class, or by class then source (style-balanced), "
-                        "class-weighted loss, focal loss or none")
-    p.add_argument("--focal-gamma", type=float, default=d.focal_gamma)
-    p.add_argument("--augment", default=d.augment,
-                   help="augmentation set: standard, none or strong, '+'-joined with modifiers "
-                        "(rot5 rot15 zoom lighting warp elastic blur centrecrop randomcrop flip)")
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--val-k", type=int, default=d.val_k, help="patches per validation image")
-    p.add_argument("--split", default=None, help="patient_id,split CSV to reuse instead of drawing one")
+    add_config_arguments(p, LearnerTrainConfig, names={"split_file": "split"}, help=OPTION_HELP)
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true", help="train in float32 (faster than bf16 for depthwise "
-                   "convolutions on CPU)")
-    p.add_argument("--no-channels-last", action="store_true", help="contiguous tensors instead of channels_last")
-    p.add_argument("--task", choices=("classify", "rotation"), default=d.task,
-                   help="rotation: label-free pretraining (predict each patch's quarter turn) on every film of "
-                        "the training patients; fine-tune from its bundle with --weights BUNDLE/model.safetensors")
     p.add_argument("--find-lr", action="store_true",
                    help="run a learning-rate range test instead of training: OUT/lr_find.json and lr_find.png")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
@@ -544,26 +495,18 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = LearnerTrainConfig(learner=args.learner, input=args.input, film_size=args.film_size,
-                             equalize=args.equalize, weights=args.weights, freeze_fraction=args.freeze_fraction,
-                             epochs=args.epochs, batch_size=args.batch_size, patches_per_image=args.patches_per_image,
-                             optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                             momentum=args.momentum, schedule=args.schedule, step_size=args.step_size,
-                             gamma=args.gamma, layer_decay=args.layer_decay, seed=args.seed, balance=args.balance,
-                             focal_gamma=args.focal_gamma, augment=args.augment, task=args.task,
-                             patience=args.patience,
-                             val_k=args.val_k, amp=not args.no_amp, channels_last=not args.no_channels_last,
-                             split_file=args.split)
+    cfg = config_from_args(LearnerTrainConfig, args)
     if args.find_lr:
         found = find_lr(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress,
                         limit=args.limit, image_roots=args.image_roots)
         print(json.dumps({k: found[k] for k in ("steepest", "minimum", "suggested_range")}))
-        return
+        return 0
     result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,
                    max_epochs_this_run=args.max_epochs_this_run, image_roots=args.image_roots)
     print(json.dumps({"best_val_macro_f1": result["best_val_macro_f1"], "best_epoch": result["best_epoch"],
                       "epochs": len(result["history"])}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import PatchflannelError
+from ..errors import PatchflannelError, run_command
 from ..jobs.shard import Shard
 from ..store import PackWriteError
 from ..jobs.shell import EXIT_NOTHING_DONE, EXIT_USAGE, exit_status, job_inputs
@@ -82,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -1,4 +1,4 @@
-"""Segmenter bundles: ``model.safetensors`` + ``config.json`` in one folder (see :mod:`patchflannel.bundle`).
+"""Segmenter bundles: ``model.safetensors`` + ``config.json`` in one folder (see `patchflannel.bundle`).
 
 config.json records the architecture, the preprocessing, the mask threshold, the lung
 convention learned, the SHA-256 of the weights file and of the config itself; both are
@@ -34,9 +34,9 @@ def load_bundle(folder: str | os.PathLike, *, verify: bool = True) -> tuple[torc
 
     Args:
         folder: the bundle folder, or the name of a shipped one (see
-            :func:`patchflannel.hub.resolve_bundle`).
+            `patchflannel.hub.resolve_bundle`).
         verify: ``False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``) loads a bundle whose
-            hashes are missing or do not match, with a warning (see :func:`patchflannel.bundle.read_bundle`).
+            hashes are missing or do not match, with a warning (see `patchflannel.bundle.read_bundle`).
 
     Raises:
         WeightsError: missing files, malformed JSON, a config or weights file that fails its

@@ -179,7 +179,7 @@ class FCDenseNet(nn.Module):
 
 
 def create_fcdensenet(preset: str = "fcdensenet_lite", **overrides) -> FCDenseNet:
-    """Build an FC-DenseNet from a preset name, overriding any :class:`FCDenseNetConfig` field."""
+    """Build an FC-DenseNet from a preset name, overriding any `FCDenseNetConfig` field."""
     if preset not in PRESETS:
         raise KeyError(f"unknown FC-DenseNet preset {preset!r}; choose one of {sorted(PRESETS)}")
     base = PRESETS[preset].to_dict()

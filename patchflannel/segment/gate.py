@@ -106,7 +106,7 @@ class LungCheck:
         return self.judge(lung_features(probability, threshold))
 
     def judge(self, f: dict[str, float]) -> str | None:
-        """:meth:`reason` for features already measured by :func:`lung_features`."""
+        """`reason` for features already measured by `lung_features`."""
         if f["area"] < self.min_area_fraction:
             return f"no plausible lungs found (lung area {f['area']:.1%} of the image, minimum {self.min_area_fraction:.0%})"
         if f["area"] > self.max_area_fraction:

@@ -2,7 +2,7 @@
 
 Decoding/preprocessing and post-processing/compression run in worker threads while the
 main thread runs the network on the previous batch, so I/O hides behind the model.
-Outputs are written atomically; a ``summary.jsonl`` record (:mod:`patchflannel.jobs.records`)
+Outputs are written atomically; a ``summary.jsonl`` record (`patchflannel.jobs.records`)
 is appended for every input as it finishes (ok / rejected / error), and a rerun skips every
 input that already has one, so a killed job resumes where it stopped. ``summary.csv`` is
 rewritten at the end. ``python -m patchflannel.segment`` runs it.
@@ -78,15 +78,18 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
               path_column: str = "image", keep_unmasked: bool = False, retry_failed: bool = False,
               h5_path=None, progress: bool = True, limit: int | None = None, shard: Shard | None = None,
               max_pixels_in_flight: int = MAX_PIXELS_IN_FLIGHT, root=None,
-              items: list[BatchInput] | None = None) -> dict:
+              items: list[BatchInput] | None = None, on_segmented=None) -> dict:
     """Segment every input of ``source`` into ``out_dir``; returns counts by status.
 
-    With ``shard``, only that shard's inputs (see :mod:`patchflannel.jobs.shard`), logged to the
-    shard's own summary; :func:`merge_shards` then writes the folder's summary and pack.
+    With ``shard``, only that shard's inputs (see `patchflannel.jobs.shard`), logged to the
+    shard's own summary; `merge_shards` then writes the folder's summary and pack.
 
     ``max_pixels_in_flight`` bounds the decoded pixels held at once (one larger image still
-    runs, alone); ``root`` is the folder output names are relative to (see :func:`collect_inputs`);
-    ``items``: the inputs, if already listed (:func:`job_inputs`).
+    runs, alone); ``root`` is the folder output names are relative to (see `collect_inputs`);
+    ``items``: the inputs, if already listed (`job_inputs`).
+    ``on_segmented(item, image, segmentation)``, if given, sees every segmented input (from the
+    worker threads): e.g. to classify the films without segmenting them again
+    (`patchflannel.Pipeline.predict_segmented`).
 
     Returns ``{"ok", "rejected", "error", "skipped", "total"}`` for this run.
     """
@@ -112,6 +115,8 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
 
     def finish(item: BatchInput, image: np.ndarray, probability: np.ndarray) -> dict:
         result = segmenter.finish(image, probability, original_mask=False, working=True)
+        if on_segmented is not None:
+            on_segmented(item, image, result)
         rec = {**input_record(item.name, item.path), "orig_shape": list(image.shape),
                "lung_fraction": round(result.lung_fraction, 4)}
         if not result.ok:

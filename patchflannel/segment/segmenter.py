@@ -85,11 +85,11 @@ class Segmenter:
 
     @classmethod
     def from_bundle(cls, folder: str | os.PathLike | None = None, *, verify: bool = True, **kwargs) -> Segmenter:
-        """Load a bundle folder (default: the shipped FC-DenseNet, see :mod:`patchflannel.hub`).
+        """Load a bundle folder (default: the shipped FC-DenseNet, see `patchflannel.hub`).
 
         ``folder`` may also name a shipped bundle from any working directory
         (``weights/segmenter-unet-lite0`` or ``segmenter-unet-lite0``; see
-        :func:`patchflannel.hub.resolve_bundle`). Its config and weights are verified
+        `patchflannel.hub.resolve_bundle`). Its config and weights are verified
         against their recorded hashes; ``verify=False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``)
         loads an unverified bundle, with a warning.
         """
@@ -142,5 +142,5 @@ class Segmenter:
         return [self.finish(im, p, **kwargs) for im, p in zip(images, probs)]
 
     def segment(self, image: np.ndarray, **kwargs) -> Segmentation:
-        """Segment one grey image (float in [0, 1], or any array :func:`~patchflannel.io.to_grey_float` accepts)."""
+        """Segment one grey image (float in [0, 1], or any array `to_grey_float` accepts)."""
         return self.segment_batch([image], **kwargs)[0]

@@ -18,10 +18,10 @@ folder trains on another machine (a GPU) without the original films
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,30 +29,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import resolve_device
 from ..evaluation.metrics import jaccard_dice
-from ..losses import dice_bce_loss
-from ..training.augment import intensity_jitter, random_affine
 from ..evaluation.splits import read_split, split_patients, write_split
-from ..manifest import read_manifest
-from ..training.distributed import setup, unwrap, wrap
+from ..files import atomic_write
 from ..io import load_image, load_mask
+from ..losses import dice_bce_loss
+from ..manifest import read_manifest
+from ..options import add_config_arguments, config_from_args
 from ..preprocess import SegmenterPreprocess, resize
 from ..pretrained import load_pretrained
-from ..files import atomic_write
-from ..devices import resolve_device
-from ..training.loop import (
-    grad_scaler,
-    optimization_step,
-    restore_training_state,
-    save_training_state,
-    seed_everything,
-)
+from ..training.augment import Augmentation
+from ..training.distributed import setup
+from ..training.loop import fit, seed_everything
 from ..training.schedules import LRPolicy
 from .bundle import load_bundle, save_bundle, sha256_file
 from .model import build_segmentation_model
 from .segmenter import Segmenter
+from ..errors import run_command
 
-__all__ = ["V7_SOURCES", "SegSamples", "SegTrainConfig", "augment", "load_encoder_weights", "load_samples",
+__all__ = ["V7_SOURCES", "SegSamples", "SegTrainConfig", "load_encoder_weights", "load_samples",
            "main", "train", "validation_jaccard"]
 
 log = logging.getLogger(__name__)
@@ -73,9 +69,7 @@ class SegTrainConfig:
     seed: int = 0
     train_sources: tuple[str, ...] = V7_SOURCES
     split_fractions: dict = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
-    max_rotation: float = 10.0
-    scale_range: tuple[float, float] = (0.9, 1.1)
-    max_translate: float = 0.06
+    augment: str = "segmenter"  # an Augmentation set (patchflannel.training.augment), film and mask warped together
     amp: bool = True
     channels_last: bool = True
     encoder_weights: str | None = None  # local file of pretrained encoder weights (smp models)
@@ -123,25 +117,15 @@ def load_samples(rows: list[dict], preprocess: SegmenterPreprocess, progress: bo
                       torch.from_numpy(masks / np.float32(255))[:, None])
 
 
-def augment(images: torch.Tensor, masks: torch.Tensor, cfg: SegTrainConfig, generator: torch.Generator):
-    """Random small rotation, zoom and shift (one affine warp of image and mask), and intensity jitter.
-
-    No flips: lungs are not mirror-symmetric (heart on the left).
-    """
-    images, masks = random_affine([images, masks], generator, max_rotation=cfg.max_rotation,
-                                  scale_range=cfg.scale_range, max_translate=cfg.max_translate)
-    return intensity_jitter(images, generator), masks
-
-
 def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load pretrained encoder weights of an smp model from a local file (see
-    :func:`patchflannel.pretrained.load_pretrained`: by name or by position, grey first conv)."""
+    `patchflannel.pretrained.load_pretrained`: by name or by position, grey first conv)."""
     load_pretrained(model.encoder, path)
 
 
 def validation_jaccard(model, samples: SegSamples, preprocess: SegmenterPreprocess, device, amp, channels_last) -> float:
     """Mean per-image Jaccard at the network size (threshold 0.5, no post-processing), through
-    the same batched inference as :class:`Segmenter`."""
+    the same batched inference as `Segmenter`."""
     segmenter = Segmenter(model, {"preprocess": preprocess.to_dict()}, device=device, amp=amp,
                           channels_last=channels_last)
     pred = segmenter.probabilities(preprocess.normalize(samples.images[:, 0].numpy())) > segmenter.threshold
@@ -194,15 +178,6 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set.images) / cfg.batch_size)
     scheduler = LRPolicy(optimizer, "onecycle", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15)
-    scaler = grad_scaler(device, cfg.amp)
-    history, best, start_epoch, elapsed = [], -1.0, 0, 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
-    state = restore_training_state(ckpt_path, model, optimizer, scheduler)
-    if state is not None:
-        history, best, start_epoch = json.loads(state["history"]), state["best"], state["epoch"] + 1
-        elapsed = history[-1]["elapsed_s"] if history else 0.0
-        log.info("resumed after epoch %d (best val Jaccard %.4f)", state["epoch"], best)
-    model = wrap(model, place, device)
 
     training_record = dict(cfg.__dict__)
     if cfg.encoder_weights:  # a file name and hash, not a path on the training machine
@@ -212,65 +187,43 @@ def train(data_dir: Path, out_dir: Path, cfg: SegTrainConfig, *, device=None, pr
         start = json.loads((Path(cfg.init_from) / "config.json").read_text())
         training_record["init_from"] = {"bundle": Path(cfg.init_from).name, "weights_sha256": start["weights_sha256"],
                                         "training": start.get("training")}
-    epochs_run = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        if max_epochs_this_run is not None and epochs_run >= max_epochs_this_run:
-            break
-        t0 = time.perf_counter()
-        # Seeded per epoch, so a resumed run draws exactly what an uninterrupted run would.
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout
-        order = torch.randperm(len(train_set.images), generator=generator)
-        model.train()
-        losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x, y = augment(train_set.images[idx], train_set.masks[idx], cfg, generator)  # global batch
-            x, y = place.share(x), place.share(y).to(device)
-            losses.append(optimization_step(model, (x - preprocess.mean) / preprocess.std,
-                                            lambda logits: dice_bce_loss(logits, y), optimizer, scheduler,
-                                            device=device, amp=cfg.amp, channels_last=cfg.channels_last,
-                                            scaler=scaler))
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        val_j = place.from_main(lambda: validation_jaccard(unwrap(model), val_set, preprocess, device, cfg.amp,
-                                                           cfg.channels_last))
-        elapsed += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_jaccard": val_j,
-                        "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
-        improved = val_j > best
-        best = max(best, val_j)
-        if place.main:  # rank 0 logs and writes; the others follow its validation score
-            log.info("epoch %d: loss %.4f, val Jaccard %.4f, %.0f s", epoch + 1, np.mean(losses), val_j, elapsed)
-            if improved:
-                save_bundle(out_dir / "bundle", unwrap(model), architecture=cfg.architecture, preprocess=preprocess,
-                            extra={"training": {**training_record, "best_epoch": epoch + 1, "val_jaccard": val_j}})
-            save_training_state(ckpt_path, unwrap(model), optimizer, scheduler, epoch=epoch, best=best,
-                                history=json.dumps(history))
-            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-        place.barrier()
-        epochs_run += 1
+
+    augmentation = Augmentation.parse(cfg.augment)
+
+    def make_batch(idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = augmentation.apply(train_set.images[idx], generator, masks=train_set.masks[idx])
+        return (x - preprocess.mean) / preprocess.std, y
+
+    def save_best(model: torch.nn.Module, entry: dict) -> None:
+        save_bundle(out_dir / "bundle", model, architecture=cfg.architecture, preprocess=preprocess,
+                    extra={"training": {**training_record, "best_epoch": entry["epoch"],
+                                        "val_jaccard": entry["val_jaccard"]}})
+
+    result = fit(model, optimizer, scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                 images_per_step=cfg.batch_size, seed=cfg.seed,
+                 draw_order=lambda g: torch.randperm(len(train_set.images), generator=g), make_batch=make_batch,
+                 loss=dice_bce_loss, place=place, device=device, amp=cfg.amp, channels_last=cfg.channels_last,
+                 validate=lambda m: {"val_jaccard": validation_jaccard(m, val_set, preprocess, device, cfg.amp,
+                                                                       cfg.channels_last)},
+                 score="val_jaccard", out_dir=out_dir, on_best=save_best, max_epochs_this_run=max_epochs_this_run,
+                 progress=progress)
+    history, best = result["history"], result["best"]
     return {"history": history, "best_val_jaccard": best}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m patchflannel.segment.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="lungseg folder (holding manifest.csv)")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, split, history, bundle/")
     p.add_argument("--architecture", default="fcdensenet_lite",
                    help="FC-DenseNet preset (fcdensenet_lite, fcdensenet56, 67, 103) or smp:<Arch>:<encoder>")
-    p.add_argument("--size", type=int, default=SegTrainConfig.size)
-    p.add_argument("--epochs", type=int, default=SegTrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=SegTrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=SegTrainConfig.lr)
-    p.add_argument("--seed", type=int, default=SegTrainConfig.seed)
-    p.add_argument("--encoder-weights", default=None, help="local pretrained encoder weights file (smp models)")
-    p.add_argument("--init-from", default=None, help="start from this bundle's weights (a further training cycle)")
-    p.add_argument("--split", default=None, help="use this patient_id,split CSV (e.g. a bundle's split.csv) "
-                   "instead of drawing a split from --seed")
+    add_config_arguments(p, SegTrainConfig, skip=("train_sources",), names={"split_file": "split"}, help={
+        "size": "network input side", "encoder_weights": "local pretrained encoder weights file (smp models)",
+        "init_from": "start from this bundle's weights (a further training cycle)",
+        "split_file": "use this patient_id,split CSV (e.g. a bundle's split.csv) instead of drawing a split",
+        "amp": "bf16/fp16 autocast where fast"})
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true")
     p.add_argument("--all-sources", action="store_true", help="also train on gbseg (heart-excluded masks)")
     p.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
     p.add_argument("--max-epochs-this-run", type=int, default=None)
@@ -282,15 +235,14 @@ def main(argv=None) -> None:
         architecture = {"type": "smp", "arch": arch, "encoder_name": encoder}
     else:
         architecture = {"type": "fcdensenet", "preset": args.architecture}
-    cfg = SegTrainConfig(architecture=architecture, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, amp=not args.no_amp, encoder_weights=args.encoder_weights, init_from=args.init_from,
-                         split_file=args.split)
+    cfg = config_from_args(SegTrainConfig, args, architecture=architecture)
     if args.all_sources:
         cfg.train_sources = V7_SOURCES + ("gbseg",)
     result = train(args.data, args.out, cfg, device=args.device, progress=not args.no_progress,
                    limit=args.limit, max_epochs_this_run=args.max_epochs_this_run)
     print(json.dumps({"best_val_jaccard": result["best_val_jaccard"], "epochs": len(result["history"])}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

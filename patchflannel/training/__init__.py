@@ -1,3 +1,3 @@
 """What the three trainers (segmenter, learners, weight module) share: the one epoch loop
-(:func:`.loop.fit`), optimizers and schedules, augmentation, the learning-rate finder and
+(`.loop.fit`), optimizers and schedules, augmentation, the learning-rate finder and
 distributed data parallelism."""

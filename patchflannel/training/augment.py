@@ -6,9 +6,9 @@ draw one parameter set per call for a whole batch, from the global generator; al
 works on one numpy image at a time. Both would mean a Python loop over the patches of every
 step, so these few operations are written here on ``grid_sample`` and ``conv2d``.)
 
-An :class:`Augmentation` composes them in a fixed order: rotation/zoom/crop (one affine warp),
+An `Augmentation` composes them in a fixed order: rotation/zoom/crop (one affine warp),
 perspective warp, elastic distortion, horizontal flip, lighting, Gaussian blur. Named sets
-(:data:`AUGMENTATIONS`) combine with ``+``: ``Augmentation.parse("standard+elastic+flip")``.
+(`AUGMENTATIONS`) combine with ``+``: ``Augmentation.parse("standard+elastic+flip")``.
 
 >>> import torch
 >>> aug = Augmentation.parse("strong")
@@ -111,8 +111,9 @@ def gaussian_blur(images: torch.Tensor, generator: torch.Generator, probability:
 class Augmentation:
     """What a training step does to its inputs (see the module docstring for the order).
 
-    ``rotation`` (degrees), ``zoom`` (scale range; > 1 zooms in), ``crop`` (keep this fraction
-    of the side: a centre crop, or a random one with ``random_crop``), ``warp`` (perspective
+    ``rotation`` (degrees), ``zoom`` (scale range; > 1 zooms in), ``translate`` (a random shift
+    of up to this fraction of the side), ``crop`` (keep this fraction of the side: a centre
+    crop, or a random one with ``random_crop``), ``warp`` (perspective
     magnitude), ``elastic`` (displacement magnitude), ``flip`` (probability of a horizontal
     flip: lungs are not mirror-symmetric, so opt-in), ``lighting`` (the contrast factor's
     range, with random gamma and ``brightness`` shifts; None: no intensity change), ``blur``
@@ -121,6 +122,7 @@ class Augmentation:
 
     rotation: float = 10.0
     zoom: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.0
     crop: float = 1.0
     random_crop: bool = False
     warp: float = 0.0
@@ -132,40 +134,50 @@ class Augmentation:
 
     @classmethod
     def parse(cls, spec: str) -> Augmentation:
-        """``"standard"``, ``"none"``, ``"strong"`` or one of those followed by ``+``-joined
-        modifiers of :data:`AUGMENTATIONS` (``"standard+blur+flip"``)."""
+        """``"standard"``, ``"none"``, ``"strong"``, ``"segmenter"`` or one of those followed by ``+``-joined
+        modifiers of `AUGMENTATIONS` (``"standard+blur+flip"``)."""
         names = [s.strip() for s in spec.split("+") if s.strip()]
         unknown = [s for s in names if s not in AUGMENTATIONS]
         if not names or unknown:
             raise ValueError(f"unknown augmentation {unknown or spec!r}: combine {sorted(AUGMENTATIONS)} with '+'")
-        aug = AUGMENTATIONS[names[0]] if names[0] in ("none", "standard", "strong") else AUGMENTATIONS["standard"]
+        bases = [n for n, a in AUGMENTATIONS.items() if isinstance(a, Augmentation)]
+        aug = AUGMENTATIONS[names[0]] if names[0] in bases else AUGMENTATIONS["standard"]
         for name in names:
-            if name not in ("none", "standard", "strong"):
+            if name not in bases:
                 aug = replace(aug, **AUGMENTATIONS[name])
         return aug
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator, *, keep_zero: bool = False,
-                 max_translate: float = 0.0) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator, *, keep_zero: bool = False) -> torch.Tensor:
         """Augment ``(N, 1, H, W)`` images in [0, 1]. ``keep_zero``: change intensities only where
         the input is non-zero (the masked-out background stays zero)."""
-        x = images
+        return self.apply(images, generator, keep_zero=keep_zero)[0]
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator, *, masks: torch.Tensor | None = None,
+              keep_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`__call__` that also moves ``masks`` ``(N, C, H, W)`` (e.g. lung masks, for the
+        segmenter) with every geometric step, so they stay on their images; intensities change
+        on the images only. Returns ``(images, masks)``."""
+        x, m = images, masks
         scale = tuple(z / self.crop for z in self.zoom)
-        translate = max(max_translate, (1 - self.crop) / 2 if self.random_crop else 0.0)
+        translate = max(self.translate, (1 - self.crop) / 2 if self.random_crop else 0.0)
         if self.rotation or scale != (1.0, 1.0) or translate:
-            (x,) = random_affine([x], generator, max_rotation=self.rotation, scale_range=scale, max_translate=translate)
-        if self.warp:
-            x = perspective_warp(x, generator, self.warp)
-        if self.elastic:
-            x = elastic_distortion(x, generator, self.elastic)
+            moved = random_affine([x] if m is None else [x, m], generator, max_rotation=self.rotation,
+                                  scale_range=scale, max_translate=translate)
+            x, m = moved[0], (None if m is None else moved[1])
+        for step, magnitude in ((perspective_warp, self.warp), (elastic_distortion, self.elastic)):
+            if magnitude:
+                both = step(x if m is None else torch.cat([x, m], 1), generator, magnitude)
+                x, m = (both, None) if m is None else (both[:, :x.shape[1]], both[:, x.shape[1]:])
         if self.flip:
-            flipped = torch.rand(x.shape[0], generator=generator) < self.flip
-            x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+            flipped = torch.rand(x.shape[0], generator=generator)[:, None, None, None] < self.flip
+            x = torch.where(flipped, x.flip(-1), x)
+            m = None if m is None else torch.where(flipped, m.flip(-1), m)
         if self.lighting is not None:
             lit = intensity_jitter(x, generator, contrast=self.lighting, brightness=self.brightness)
             x = torch.where(x > 0, lit, torch.zeros_like(x)) if keep_zero else lit
         if self.blur:
             x = gaussian_blur(x, generator, self.blur)
-        return x
+        return x, m
 
 
 #: Named sets and modifiers. ``standard`` is what the shipped learners trained with.
@@ -174,6 +186,8 @@ AUGMENTATIONS: dict = {
     "standard": Augmentation(),
     # the fastai-style set of the transfer-learning studies: rotation 10, zoom 1.3, lighting, warp 0.4
     "strong": Augmentation(rotation=10.0, zoom=(1.0, 1.3), lighting=(1 / 1.4, 1.4), brightness=0.1, warp=0.4),
+    # the segmenter's: small rotation, zoom and shift of film and mask together, intensity jitter
+    "segmenter": Augmentation(rotation=10.0, zoom=(0.9, 1.1), translate=0.06),
     "rot5": {"rotation": 5.0},
     "rot10": {"rotation": 10.0},
     "rot15": {"rotation": 15.0},

@@ -3,14 +3,14 @@
     torchrun --nproc-per-node 2 -m patchflannel.learners.train --packs ... --out runs/l0
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-endpoint HOST:29500 -m patchflannel.segment.train ...
 
-Each trainer calls :func:`setup`: without torchrun's variables it is a single process and
+Each trainer calls `setup`: without torchrun's variables it is a single process and
 nothing changes. Under torchrun the process group starts (gloo on CPU, nccl on CUDA, one
 GPU per local rank) and the model is wrapped in ``DistributedDataParallel``. Every rank
 draws the same global batch from the same seeded generator and trains on its contiguous
 share of it, so with the same batch size and seed a run on n processes takes the same
 steps as a run on one (the effective batch is the configured one, not n times it).
 BatchNorm statistics are those of the global batch: PyTorch's ``SyncBatchNorm`` on GPU,
-:class:`CpuSyncBatchNorm` on CPU (PyTorch's is GPU-only), so a BatchNorm network trains on
+`CpuSyncBatchNorm` on CPU (PyTorch's is GPU-only), so a BatchNorm network trains on
 n processes as on one, to float rounding. Rank 0 validates, logs, checkpoints and writes the bundle; the
 others follow its validation scores, so early stopping and resuming agree everywhere.
 """
@@ -114,7 +114,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
 
 
 def convert_cpu_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``BatchNorm2d`` of ``module`` by a :class:`CpuSyncBatchNorm` holding the
+    """Replace every ``BatchNorm2d`` of ``module`` by a `CpuSyncBatchNorm` holding the
     same parameter and buffer tensors (an optimizer built before keeps working)."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:

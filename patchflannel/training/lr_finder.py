@@ -2,7 +2,7 @@
 while the learning rate grows exponentially, record the smoothed loss, suggest a range.
 
 The learner trainer runs it on its own data and model with ``--find-lr``
-(``python -m patchflannel.learners.train ... --find-lr``); :func:`lr_range_test` takes any
+(``python -m patchflannel.learners.train ... --find-lr``); `lr_range_test` takes any
 ``step`` callable for other models.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def lr_range_test(step, optimizer, *, start_lr: float = 1e-7, end_lr: float = 1.
 
     Parameter groups keep their ratios (discriminative rates): the last group follows the
     sweep. Stops early when the smoothed loss exceeds ``diverge`` x its minimum. Returns the
-    rates, raw and smoothed (bias-corrected exponential average) losses and :func:`suggest`'s
+    rates, raw and smoothed (bias-corrected exponential average) losses and `suggest`'s
     suggestions.
     """
     if not 0 < start_lr < end_lr:

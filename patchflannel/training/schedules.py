@@ -49,9 +49,9 @@ class LRPolicy:
     (``StepLR``: x ``gamma`` every ``step_size`` epochs) and ``plateau`` (``ReduceLROnPlateau``
     on the validation score: x ``gamma`` after ``plateau_patience`` epochs without
     improvement) after every epoch; ``constant`` never changes the rate. Per-group rates
-    (:func:`layer_groups`) are kept: each group gets its own cycle.
+    (`layer_groups`) are kept: each group gets its own cycle.
 
-    Call :meth:`step` after each optimizer step and :meth:`epoch_end` with the validation
+    Call `step` after each optimizer step and `epoch_end` with the validation
     score after each epoch. ``state_dict``/``load_state_dict`` checkpoint it.
     """
 

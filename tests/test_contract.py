@@ -1,0 +1,71 @@
+"""The data contract travels with the weights: format version, working size, classes, fit K;
+shipped bundles by name, from any working directory."""
+import json
+import shutil
+
+import pytest
+
+from patchflannel import Pipeline, WeightsError
+from patchflannel.bundle import FORMAT_VERSION, read_config, rehash_bundle
+from patchflannel.hub import SHIPPED, WEIGHTS_ENV, default_bundle, resolve_bundle, weights_dir
+
+
+def _edit(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config, indent=2))
+    rehash_bundle(folder)
+
+
+def test_every_shipped_bundle_carries_the_contract():
+    for name, entry in SHIPPED.items():
+        folder = weights_dir() / entry.folder
+        if entry.kind == "pipeline":
+            assert json.loads((folder / "pipeline.json").read_text())["format_version"] == FORMAT_VERSION
+            continue
+        configs = [read_config(p.parent) for p in sorted(folder.rglob("config.json"))]
+        assert configs, name
+        for config in configs:
+            assert config["format_version"] == FORMAT_VERSION
+            if entry.kind == "learners":
+                assert config["working_size"] == 1024 and config["patch_size"] == 224 and config["classes"]
+            if entry.kind == "ensemble":
+                assert config["fit_k"] == config["fitted_on"]["k"]
+
+
+def test_a_bundle_from_a_newer_format_is_refused(tmp_path):
+    folder = tmp_path / "ensemble"
+    shutil.copytree(default_bundle("ensemble"), folder)
+    _edit(folder, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(WeightsError, match="newer than this library"):
+        read_config(folder)
+
+
+def test_learners_of_another_working_size_are_refused_by_the_pipeline(tmp_path):
+    learners = tmp_path / "learners"
+    shutil.copytree(default_bundle("learners"), learners)
+    for config in learners.glob("*/config.json"):
+        _edit(config.parent, working_size=512)
+    with pytest.raises(WeightsError, match="512 px films but the segmenter works at 1024 px"):
+        Pipeline.from_bundles(learners=learners, device="cpu", k=2)
+
+
+def test_shipped_bundles_are_found_by_name_and_in_a_relocated_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository
+    assert resolve_bundle("lite") == weights_dir() / "pipeline-lite"
+    assert resolve_bundle("segmenter-unet-lite0") == weights_dir() / "segmenter-unet-lite0"
+    moved = tmp_path / "bundles"
+    shutil.copytree(weights_dir() / "ensemble-lite", moved / "ensemble-lite")
+    monkeypatch.setenv(WEIGHTS_ENV, str(moved))
+    assert resolve_bundle("ensemble-lite") == moved / "ensemble-lite"
+    with pytest.raises(WeightsError, match=WEIGHTS_ENV):
+        resolve_bundle("lite")  # not in the relocated folder: the message says where it looked
+
+
+def test_pipeline_labels_come_from_the_bundle_and_are_checked(segmenter):
+    from patchflannel.learners.bundle import load_learner_set
+
+    models, shared = load_learner_set()
+    with pytest.raises(WeightsError, match="predict"):
+        Pipeline(segmenter, models, patch_size=shared["patch_size"], classes=["a", "b", "c", "d"], k=2)
