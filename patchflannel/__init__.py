@@ -3,7 +3,7 @@
 The whole method in one object::
 
     from patchflannel import Pipeline
-    pipe = Pipeline.from_pretrained()          # the shipped bundle, offline
+    pipe = Pipeline.from_pretrained("lite")    # the shipped bundle, by name, offline
     pred = pipe.predict("chest.png")           # .label, .probabilities, .rejection, ...
 
 Public names (imported on first use, so ``import patchflannel`` stays light):
@@ -16,11 +16,12 @@ Public names (imported on first use, so ``import patchflannel`` stays light):
 * Errors: `PatchflannelError` (base), `InvalidImageError`, `WeightsError`,
   `DataNotFoundError`.
 
-Stage 1 (lung segmentation, masked stores) lives in `patchflannel.segment` and
-`patchflannel.store`; image decoding in `patchflannel.io`. Stage 2 (patch
-learners, batched patch inference) in `patchflannel.learners`; the FLANNEL weight
-module and focal loss in `patchflannel.ensemble`. ``python -m patchflannel.segment``
-and ``python -m patchflannel.predict`` run the batch jobs over folders and manifests.
+The package reads as the pipeline: `patchflannel.io` and `patchflannel.preprocess` (decoding,
+preprocessing), `patchflannel.segment` (Stage 1), `patchflannel.store` (masked films),
+`patchflannel.patches`, `patchflannel.learners` and `patchflannel.ensemble` (Stage 2),
+`patchflannel.pipeline`; support code in `patchflannel.training`, `patchflannel.evaluation`
+and `patchflannel.jobs`; shipped bundles by name in `patchflannel.hub`. The ``patchflannel``
+command (`patchflannel.cli`) runs the jobs: ``patchflannel predict``, ``patchflannel segment``...
 """
 from .errors import (
     DataNotFoundError,

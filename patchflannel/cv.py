@@ -129,8 +129,13 @@ def finish_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick:
     fold (the collector of the per-member jobs); cached in ``foldN/result.json``."""
     fold_dir = args.out / f"fold{fold}"
     result_path = fold_dir / "result.json"
+    k = quick["k"] if quick else args.k
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        cached = json.loads(result_path.read_text())
+        if cached.get("k") != k:
+            raise SystemExit(f"{result_path} was predicted at K = {cached.get('k')}, this run asks for K = {k}: "
+                             "pass --k to match it, or delete the file to redo the fold")
+        return cached
     missing = [m for m in members(args) if not (fold_dir / m / "bundle" / "config.json").is_file()]
     if missing:
         raise SystemExit(f"fold {fold}: {missing} not trained yet (run their --job commands first)")
@@ -143,7 +148,6 @@ def finish_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick:
     # Films to predict: labelled validation films (the stacking set), labelled test films, and
     # the test patients' films outside the four classes (never trained on).
     val, test, external = fold_films(rows, role, limit=quick["eval_limit"] if quick else None, seed=fold)
-    k = quick["k"] if quick else args.k
     learners, configs = {}, {}
     for name in args.learners:
         learners[name], configs[name] = load_learner(fold_dir / name / "bundle")

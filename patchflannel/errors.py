@@ -8,7 +8,13 @@ __all__ = ["EXIT_NOTHING_DONE", "EXIT_OK", "EXIT_USAGE", "DataNotFoundError", "I
 
 
 class PatchflannelError(Exception):
-    """Base class of every error this library raises on purpose."""
+    """Base class of every error this library raises on purpose.
+
+    Attributes:
+        exit_code: what a command exits with when this error ends it (see :func:`run_command`).
+    """
+
+    exit_code = 2  # a usage error: a bad path, file, bundle or option
 
 
 class InvalidImageError(PatchflannelError, ValueError):
@@ -40,8 +46,9 @@ EXIT_OK, EXIT_NOTHING_DONE, EXIT_USAGE = 0, 1, 2
 def run_command(main, argv=None) -> int:
     """Run a command's ``main(argv)`` and turn its outcome into the shared exit code: its own
     code (``None`` or a result dict: 0), 2 for a usage error (argparse's, or an error of this
-    library or a bad value, printed as one line), 1 for a failure of the system (a full disk, a
-    folder that turned read-only)."""
+    library, printed as one line), 1 for a failure of the system (a full disk, a folder that
+    turned read-only; an error's own ``exit_code``). Any other exception is a bug: it keeps its
+    traceback (exit 1)."""
     import sys
 
     try:
@@ -53,9 +60,9 @@ def run_command(main, argv=None) -> int:
         if code is not None:
             print(code, file=sys.stderr)
         return EXIT_OK if code is None else EXIT_NOTHING_DONE
-    except (PatchflannelError, ValueError) as exc:
+    except PatchflannelError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_NOTHING_DONE

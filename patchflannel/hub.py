@@ -19,6 +19,7 @@ Examples:
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from .errors import WeightsError
 
 __all__ = ["DEFAULTS", "SHIPPED", "WEIGHTS_ENV", "ShippedBundle", "default_bundle", "resolve_bundle",
            "shipped_bundles", "weights_dir"]
+
+log = logging.getLogger(__name__)
 
 #: Environment variable naming the folder that holds the shipped bundles (default: ``weights/``
 #: beside the package).
@@ -58,6 +61,10 @@ DEFAULTS = {"pipeline": "lite", "segmenter": "segmenter-fcdensenet-lite", "learn
             "ensemble": "ensemble-lite"}
 
 
+#: Variables of earlier versions, each naming one bundle; :data:`WEIGHTS_ENV` and names replace them.
+RETIRED_ENV = ("PATCHFLANNEL_PIPELINE", "PATCHFLANNEL_LEARNERS", "PATCHFLANNEL_SEGMENTER")
+
+
 def weights_dir() -> Path:
     """The folder holding the shipped bundles: ``$PATCHFLANNEL_WEIGHTS``, else ``weights/`` beside the package."""
     env = os.environ.get(WEIGHTS_ENV)
@@ -68,6 +75,10 @@ def default_bundle(kind: str) -> Path:
     """The folder of the default bundle of ``kind`` (``pipeline``, ``segmenter``, ``learners``, ``ensemble``)."""
     if kind not in DEFAULTS:
         raise ValueError(f"kind must be one of {sorted(DEFAULTS)}, not {kind!r}")
+    retired = [v for v in RETIRED_ENV if os.environ.get(v)]
+    if retired:
+        log.warning("%s no longer choose the default bundles: pass the bundle (a name or a path) to the loader, "
+                    "or set %s to a folder of bundles", ", ".join(retired), WEIGHTS_ENV)
     return weights_dir() / SHIPPED[DEFAULTS[kind]].folder
 
 

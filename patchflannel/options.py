@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 __all__ = ["add_config_arguments", "config_from_args"]
 
@@ -44,13 +44,15 @@ def _option_type(hint) -> tuple[type, int | str | None] | None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
-                         names: Mapping[str, str] | None = None, help: Mapping[str, str] | None = None) -> None:
+                         names: Mapping[str, str] | None = None, help: Mapping[str, str] | None = None,
+                         choices: Mapping[str, Sequence] | None = None) -> None:
     """One ``--field-name`` option per field of dataclass ``cls`` that the command line can carry
     (numbers, strings, booleans as ``--x/--no-x``, optional and tuple forms of these), with the
     field's default. ``skip`` leaves fields out; ``names`` renames options (``{"split_file":
-    "split"}`` -> ``--split``); ``help`` adds help texts."""
+    "split"}`` -> ``--split``); ``help`` adds help texts; ``choices`` the values a field may take
+    (argparse refuses others before anything runs)."""
     hints = typing.get_type_hints(cls)
-    names, help = names or {}, help or {}
+    names, help, choices = names or {}, help or {}, choices or {}
     for f in dataclasses.fields(cls):
         kind = _option_type(hints[f.name])
         if f.name in skip or kind is None:
@@ -63,7 +65,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[st
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             parser.add_argument(flag, dest=f.name, type=element, nargs=nargs, default=default,
-                                help=f"{text} (default: {default})".strip())
+                                choices=choices.get(f.name), help=f"{text} (default: {default})".strip())
 
 
 def config_from_args(cls, args: argparse.Namespace, **overrides):

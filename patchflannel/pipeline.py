@@ -154,6 +154,9 @@ class Pipeline:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
         self.batch_size, self.progress, self.explain_batch_size = batch_size, progress, explain_batch_size
+        #: The weight module's bundle config when loaded from one (its fit K, training, calibration):
+        #: kept so that :meth:`save_pretrained` writes it back.
+        self.weight_module_record: dict | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
@@ -176,17 +179,15 @@ class Pipeline:
         by the mean of the learners)."""
         from .ensemble.module import load_weight_module
 
-        seg = Segmenter.from_bundle(segmenter, device=device, amp=kwargs.get("amp", True))
         models, shared = load_learner_set(learners)
-        # The data contract: the learners' patches have their size on the film at their working
-        # size, which is the grid the segmenter writes.
-        if seg.working_size != shared["working_size"]:
-            raise WeightsError(f"the learners were trained on {shared['working_size']} px films but the segmenter "
-                               f"works at {seg.working_size} px; pass a matching working_size")
-        module, temperature = None, 1.0
+        # The data contract: a learner's patch size has its meaning on the film at its working
+        # size, so that is the grid the segmenter writes.
+        seg = Segmenter.from_bundle(segmenter, device=device, amp=kwargs.get("amp", True),
+                                    working_size=shared["working_size"])
+        module, temperature, module_config = None, 1.0, None
         if ensemble is not None:
             module, config = load_weight_module(ensemble)
-            temperature = config.get("temperature", 1.0)
+            temperature, module_config = config.get("temperature", 1.0), config
             if config["learners"] != list(models):
                 raise WeightsError(f"{ensemble} combines {config['learners']} but the learner set holds "
                                    f"{list(models)}; pass the learner folder it was fitted for")
@@ -197,8 +198,10 @@ class Pipeline:
                 log.warning("the weight module was fitted on %d patches per film and runs on %d: its inputs are "
                             "averages of another sharpness than it learned from", fit_k, k)
         kwargs.setdefault("temperature", temperature)
-        return cls(seg, models, weight_module=module, patch_size=shared["patch_size"], classes=shared["classes"],
+        pipe = cls(seg, models, weight_module=module, patch_size=shared["patch_size"], classes=shared["classes"],
                    normalization=Normalization(**shared["normalization"]), device=seg.device, **kwargs)
+        pipe.weight_module_record = module_config
+        return pipe
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a self-contained pipeline bundle: ``segmenter/``, ``learners/<name>/``,
@@ -215,8 +218,10 @@ class Pipeline:
                          patch_size=self.engine.patch_size, working_size=self.segmenter.working_size,
                          normalization=self.engine.normalization)
         if self.weight_module is not None:
+            record = self.weight_module_record or {}
             save_weight_module(folder / "ensemble", self.weight_module, learners=self.learner_names,
-                               classes=self.classes, temperature=self.temperature)
+                               classes=self.classes, fit_k=record.get("fit_k"), temperature=self.temperature,
+                               extra={k: record[k] for k in ("training", "fitted_on", "calibration") if k in record})
         spec = {"format": "patchflannel-pipeline", "segmenter": "segmenter", "learners": "learners",
                 "ensemble": "ensemble" if self.weight_module is not None else None,
                 "k": self.engine.k, "seed": self.engine.seed}

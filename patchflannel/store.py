@@ -206,6 +206,8 @@ def pack_npz_files(npz_paths: Sequence[str | os.PathLike], out_path: str | os.Pa
 class PackWriteError(PatchflannelError, OSError):
     """An HDF5 pack that could not be written (full disk, no permission, bad input files)."""
 
+    exit_code = 1  # the system failed, not the user
+
 
 def _check_free_space(npz_paths: list[Path], out_path) -> None:
     """Refuse a pack that cannot fit: it takes about the size of its ``.npz`` files."""

@@ -23,6 +23,8 @@ def test_exit_codes_are_shared(capsys, tmp_path):
     assert main(["predict", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "out")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # a failed start leaves nothing behind
+    assert main(["train", "--packs", "x.h5", "--out", str(tmp_path / "t"), "--balance", "samplr"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_console_script_and_module_run_the_same_command():

@@ -42,13 +42,25 @@ def test_a_bundle_from_a_newer_format_is_refused(tmp_path):
         read_config(folder)
 
 
-def test_learners_of_another_working_size_are_refused_by_the_pipeline(tmp_path):
+def test_the_learners_working_size_sets_the_segmenters_grid(tmp_path):
     learners = tmp_path / "learners"
     shutil.copytree(default_bundle("learners"), learners)
     for config in learners.glob("*/config.json"):
         _edit(config.parent, working_size=512)
-    with pytest.raises(WeightsError, match="512 px films but the segmenter works at 1024 px"):
-        Pipeline.from_bundles(learners=learners, device="cpu", k=2)
+    pipe = Pipeline.from_bundles(learners=learners, device="cpu", k=2)
+    assert pipe.segmenter.working_size == 512
+    saved = tmp_path / "saved"
+    pipe.save_pretrained(saved)  # the grid travels with the learners it was saved with
+    assert Pipeline.from_pretrained(saved, device="cpu", k=2).segmenter.working_size == 512
+
+
+def test_a_saved_pipeline_keeps_the_weight_modules_record(tmp_path):
+    pipe = Pipeline.from_pretrained("lite", device="cpu", k=2)
+    pipe.save_pretrained(tmp_path / "copy")
+    original = read_config(default_bundle("ensemble"))
+    copied = read_config(tmp_path / "copy" / "ensemble")
+    for key in ("fit_k", "fitted_on", "calibration", "training", "temperature", "learners", "classes"):
+        assert copied[key] == original[key], key
 
 
 def test_shipped_bundles_are_found_by_name_and_in_a_relocated_folder(tmp_path, monkeypatch):

@@ -119,8 +119,11 @@ def write_csv(path: str | os.PathLike, records: Sequence[dict], fields: Sequence
     writer.writeheader()
     for r in records:
         writer.writerow({k: printable_name(v) if isinstance(v, str) else v for k, v in r.items()})
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8",
-                                                        errors="backslashreplace"))  # any file name
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # any file name
+            f.write(buffer.getvalue())
+
+    atomic_write(path, write)
 
 
 def write_prediction_csv(path: str | os.PathLike, records: Sequence[dict]) -> None:

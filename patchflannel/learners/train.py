@@ -65,12 +65,18 @@ from .engine import PatchEngine
 from .registry import Normalization, create_learner
 from ..errors import run_command
 
-__all__ = ["RECIPES", "ROTATION_CLASSES", "LearnerTrainConfig", "config_record", "draw_inputs",
+__all__ = ["BALANCES", "TASKS", "RECIPES", "ROTATION_CLASSES", "LearnerTrainConfig", "config_record", "draw_inputs",
            "evaluate", "find_lr", "main", "make_split", "predict_inputs",
            "predict_whole_images", "recipe_config", "rotate_quarters", "style_balanced_weights", "train",
            "training_batch"]
 
 log = logging.getLogger(__name__)
+
+
+#: What a learner can be trained for: the four classes, or label-free rotation pretraining.
+TASKS = ("classify", "rotation")
+#: How classes (and sources) are balanced in training: see ``LearnerTrainConfig.balance``.
+BALANCES = ("sampler", "source", "loss", "focal", "none")
 
 
 @dataclass
@@ -219,8 +225,13 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
     """Split, read the films, build the (partly frozen) model and the loss."""
     if cfg.input not in LEARNER_INPUTS:
         raise ValueError(f"input must be one of {list(LEARNER_INPUTS)}, not {cfg.input!r}")
-    if cfg.task not in ("classify", "rotation"):
-        raise ValueError(f"task must be 'classify' or 'rotation', not {cfg.task!r}")
+    if cfg.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {cfg.task!r}")
+    if cfg.balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, not {cfg.balance!r}")
+    if cfg.optimizer not in OPTIMIZERS or cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} and schedule one of {SCHEDULES}, "
+                         f"not {cfg.optimizer!r} and {cfg.schedule!r}")
     if cfg.input in FILE_INPUTS and (image_roots is None or len(image_roots) != len(packs)):
         raise ValueError(f"input {cfg.input!r} decodes the original films: it needs one image folder per pack "
                          "(image_roots)")
@@ -486,7 +497,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-roots", nargs="+", default=None,
                    help=f"with --input {' or '.join(FILE_INPUTS)}: the folder of each pack's manifest "
                         "(its relative image paths)")
-    add_config_arguments(p, LearnerTrainConfig, names={"split_file": "split"}, help=OPTION_HELP)
+    add_config_arguments(p, LearnerTrainConfig, names={"split_file": "split"}, help=OPTION_HELP, choices={
+        "input": list(LEARNER_INPUTS), "task": TASKS, "balance": BALANCES, "optimizer": OPTIMIZERS,
+        "schedule": SCHEDULES})
     p.add_argument("--device", default="auto")
     p.add_argument("--find-lr", action="store_true",
                    help="run a learning-rate range test instead of training: OUT/lr_find.json and lr_find.png")

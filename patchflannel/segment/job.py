@@ -87,8 +87,8 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
     ``max_pixels_in_flight`` bounds the decoded pixels held at once (one larger image still
     runs, alone); ``root`` is the folder output names are relative to (see `collect_inputs`);
     ``items``: the inputs, if already listed (`job_inputs`).
-    ``on_segmented(item, image, segmentation)``, if given, sees every segmented input (from the
-    worker threads): e.g. to classify the films without segmenting them again
+    ``on_segmented(item, image, segmentation)``, if given, sees every input segmented and
+    recorded by this run (from the worker threads; an accepted one once its ``.npz`` is written): e.g. to classify the films without segmenting them again
     (`patchflannel.Pipeline.predict_segmented`).
 
     Returns ``{"ok", "rejected", "error", "skipped", "total"}`` for this run.
@@ -115,11 +115,11 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
 
     def finish(item: BatchInput, image: np.ndarray, probability: np.ndarray) -> dict:
         result = segmenter.finish(image, probability, original_mask=False, working=True)
-        if on_segmented is not None:
-            on_segmented(item, image, result)
         rec = {**input_record(item.name, item.path), "orig_shape": list(image.shape),
                "lung_fraction": round(result.lung_fraction, 4)}
         if not result.ok:
+            if on_segmented is not None:
+                on_segmented(item, image, result)
             return {**rec, "status": "rejected", "rejection": result.rejection, "output": None}
         out = output_path(out_dir, item.name)
         write_masked_npz(out, working_image=result.working_image, working_mask=result.working_mask,
@@ -127,6 +127,8 @@ def run_batch(source, out_dir, segmenter: Segmenter, *, batch_size: int = 16, wo
                          scale=result.letterbox.scale,
                          segmenter=segmenter.id, preprocess=preprocess, source=str(item.path),
                          keep_unmasked=keep_unmasked)
+        if on_segmented is not None:  # only what was stored
+            on_segmented(item, image, result)
         return {**rec, "status": "ok", "output": out.relative_to(out_dir.resolve()).as_posix()}
 
     drop_torn_tail(log_path)
