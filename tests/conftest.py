@@ -72,6 +72,14 @@ def pipeline():
     return Pipeline.from_bundles(device="cpu", k=PIPELINE_K)
 
 
+@pytest.fixture(scope="session")
+def default_pipeline():
+    """The shipped default pipeline (``lite``: segmenter, learners, FLANNEL module), K = 8."""
+    from patchflannel import Pipeline
+
+    return Pipeline.from_pretrained("lite", device="cpu", k=8)
+
+
 WORKING = 384  # a small working grid keeps the Stage 2 tests fast; the library default is 1024
 
 

@@ -54,9 +54,8 @@ def test_the_learners_working_size_sets_the_segmenters_grid(tmp_path):
     assert Pipeline.from_pretrained(saved, device="cpu", k=2).segmenter.working_size == 512
 
 
-def test_a_saved_pipeline_keeps_the_weight_modules_record(tmp_path):
-    pipe = Pipeline.from_pretrained("lite", device="cpu", k=2)
-    pipe.save_pretrained(tmp_path / "copy")
+def test_a_saved_pipeline_keeps_the_weight_modules_record(tmp_path, default_pipeline):
+    default_pipeline.save_pretrained(tmp_path / "copy")
     original = read_config(default_bundle("ensemble"))
     copied = read_config(tmp_path / "copy" / "ensemble")
     for key in ("fit_k", "fitted_on", "calibration", "training", "temperature", "learners", "classes"):

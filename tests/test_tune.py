@@ -113,8 +113,8 @@ def test_search_runs_trials_and_reports_macro_f1(request, packs, tmp_path, sched
             for key, (low, high) in BOUNDS.items():
                 assert low <= exploit["config"][key] <= high
     if scheduler == "asha":  # a fixed seed draws the same configurations again
-        again = run_search(packs, tmp_path / "again", base, scheduler=scheduler, samples=2, limit=8, seed=1,
-                           grace=2, address=address)
+        again = run_search(packs, tmp_path / "again", base, scheduler=scheduler, samples=2, limit=4, seed=1,
+                           grace=2, address=address)  # fewer films: only the drawn configurations are compared
         assert sorted(json.dumps(t["config"], sort_keys=True) for t in again["trials"]) == \
             sorted(json.dumps(t["config"], sort_keys=True) for t in summary["trials"])
 
