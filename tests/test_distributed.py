@@ -56,12 +56,25 @@ def _stacking_data():
     return torch.softmax(torch.randn(120, 5, 4, generator=g) + torch.nn.functional.one_hot(labels, 4)[:, None], -1), labels
 
 
-def test_weight_module_on_two_processes_matches_one(tmp_path):
+def _segmenter_then_module(data_dir, out, module_out):
+    """One pair of processes for both trainers (starting processes costs more than the training)."""
+    _train_segmenter(data_dir, out)
+    _fit_module(module_out)
+
+
+@pytest.fixture(scope="module")
+def two_processes(lungseg_dir, tmp_path_factory):
+    """The segmenter trained and the weight module fitted by 2 processes: their output folder."""
+    out = tmp_path_factory.mktemp("ddp")
+    _run(2, _segmenter_then_module, lungseg_dir, out / "two", out / "module.pt")
+    return out
+
+
+def test_weight_module_on_two_processes_matches_one(two_processes):
     from patchflannel.ensemble.fit import fit_weight_module
 
-    _run(2, _fit_module, tmp_path / "ddp.pt")
     single = fit_weight_module(*_stacking_data()).state_dict()
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    ddp = torch.load(two_processes / "module.pt", weights_only=True)
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, atol=1e-4, rtol=1e-4)
 
@@ -91,21 +104,20 @@ def _train_segmenter(data_dir, out):
     train(data_dir, out, _seg_config(), device="cpu", progress=False, limit=16)
 
 
-def test_segmenter_on_two_processes_matches_one(lungseg_dir, tmp_path):
+def test_segmenter_on_two_processes_matches_one(lungseg_dir, two_processes, tmp_path):
     """Two AdamW steps of a BatchNorm network: the same updates to float rounding (the
     BatchNorm statistics are the global batch's on every rank)."""
     from patchflannel.segment import build_segmentation_model
     from patchflannel.training.loop import seed_everything
 
-    _run(2, _train_segmenter, lungseg_dir, tmp_path / "two")
     _train_segmenter(lungseg_dir, tmp_path / "one")
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
-    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    two = torch.load(two_processes / "two" / "checkpoint.pt", weights_only=True)
     seed_everything(0)
     init = build_segmentation_model(_seg_config().architecture).state_dict()
     assert _update_difference(one["model"], two["model"], init) < 0.02
-    assert (tmp_path / "one" / "split.csv").read_text() == (tmp_path / "two" / "split.csv").read_text()
-    assert (tmp_path / "two" / "bundle" / "config.json").is_file() and len(json.loads(two["history"])) == 1
+    assert (tmp_path / "one" / "split.csv").read_text() == (two_processes / "two" / "split.csv").read_text()
+    assert (two_processes / "two" / "bundle" / "config.json").is_file() and len(json.loads(two["history"])) == 1
 
 
 def test_learner_training_runs_unchanged_under_torchrun(training_packs, tmp_path):
