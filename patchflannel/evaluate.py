@@ -42,7 +42,8 @@ def evaluate_learners(learner_dir, packs, split_file, *, k: int = DEFAULT_K, see
     when given, and the plain mean of the learners) on the test patients of ``split_file``."""
     learners, shared = load_learner_set(learner_dir)
     engine = PatchEngine(learners, k=k, patch_size=shared["patch_size"],
-                         normalization=Normalization(**shared["normalization"]), device=device,
+                         normalization=Normalization(**shared["normalization"]), scales=shared["working_sizes"],
+                         device=device,
                          batch_size=batch_size, seed=seed)
     rows = read_rows(packs)
     split = read_split(split_file)

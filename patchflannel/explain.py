@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .patches import extract_patches
+from .patches import extract_patches, rescale_centres, rescale_film
 
 __all__ = ["HEATMAP_STRIDE", "last_conv", "lung_heatmap", "patch_cams", "place_cams"]
 
@@ -96,7 +96,8 @@ def place_cams(cams: torch.Tensor, centres: torch.Tensor, shape: tuple[int, int]
 
 def lung_heatmap(models: Sequence[nn.Module], normalize, image: np.ndarray, mask: np.ndarray, centres,
                  target: int, *, patch_size: int = 224, weights: Sequence[float] | None = None,
-                 device="cpu", batch_size: int = 8, stride: int = HEATMAP_STRIDE) -> tuple[np.ndarray, list[np.ndarray]]:
+                 device="cpu", batch_size: int = 8, stride: int = HEATMAP_STRIDE,
+                 scales: Sequence[int | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """The probabilistic Grad-CAM of one film.
 
     Args:
@@ -107,22 +108,34 @@ def lung_heatmap(models: Sequence[nn.Module], normalize, image: np.ndarray, mask
         target: class index explained (the predicted class).
         weights: per-learner weights of the ensemble map (default: equal).
         batch_size: patches per backward pass: peak memory grows with it (the activations
-            of a backward pass), the time barely (see ``benchmarks/explain_memory.py``).
+            of a backward pass), the time barely (see ``benchmarks/memory.py``).
+        scales: per learner, the film side its patches come from (``PatchEngine.scales``;
+            ``None``: this image's grid); a learner's map is computed at its scale and
+            resampled to this grid.
 
     Returns:
         ``(ensemble_map, [map per learner])``, each ``(H / stride, W / stride)`` float32 in
         [0, 1], zero outside the lung.
     """
     centres = torch.as_tensor(np.asarray(centres), dtype=torch.long)
-    patches = extract_patches(torch.as_tensor(image)[None, None], centres[None], patch_size)
-    x = normalize(patches).to(device)
-    targets = torch.full((len(x),), int(target), dtype=torch.long)
+    grid = image.shape[0]
+    sizes = [grid if s is None else int(s) for s in (scales or [None] * len(models))]
+    targets = torch.full((len(centres),), int(target), dtype=torch.long)
     lung = cv2.resize(mask.astype(np.uint8), (mask.shape[1] // stride, mask.shape[0] // stride),
                       interpolation=cv2.INTER_NEAREST).astype(bool)
+    inputs: dict[int, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
     maps = []
-    for model in models:
-        cams = patch_cams(model, x, targets, batch_size=batch_size)
-        maps.append(np.where(lung, place_cams(cams, centres, image.shape, stride), 0.0).astype(np.float32))
+    for model, size in zip(models, sizes):
+        if size not in inputs:  # the film and its patches at this scale, once
+            film = image if size == grid else rescale_film(image, mask, size)[0]
+            at = rescale_centres(centres, grid, size)
+            inputs[size] = (normalize(extract_patches(torch.as_tensor(film)[None, None], at[None], patch_size))
+                            .to(device), at, film.shape)
+        x, at, shape = inputs[size]
+        placed = place_cams(patch_cams(model, x, targets, batch_size=batch_size), at, shape, stride)
+        if placed.shape != lung.shape:
+            placed = cv2.resize(placed, (lung.shape[1], lung.shape[0]), interpolation=cv2.INTER_LINEAR)
+        maps.append(np.where(lung, placed, 0.0).astype(np.float32))
     w = np.ones(len(maps)) if weights is None else np.clip(np.asarray(weights, dtype=np.float64), 0, None)
     ensemble = sum(wi * _unit(m) for wi, m in zip(w, maps)) / max(w.sum(), 1e-8)
     return _unit(ensemble).astype(np.float32), [_unit(m) for m in maps]

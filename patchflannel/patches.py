@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import hashlib
 
+import cv2
 import numpy as np
 import torch
 
 from .errors import PatchflannelError
 
 __all__ = ["CANDIDATES_PER_ROUND", "DEFAULT_K", "EmptyMaskError", "extract_patches", "image_seed",
+           "rescale_centres", "rescale_film",
            "sample_centres"]
 
 
@@ -107,3 +109,25 @@ def extract_patches(images: torch.Tensor, centres: torch.Tensor, size: int = 224
     batch = torch.arange(n, device=images.device).reshape(n, 1, 1, 1)
     patches = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (N, K, size, size, C)
     return patches.permute(0, 1, 4, 2, 3).reshape(n * k, c, size, size)
+
+
+def rescale_film(image: np.ndarray, mask: np.ndarray, size: int, *,
+                 keep_outside: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A film ``(H, W)`` uint8 and its bool lung mask letterboxed to ``size`` px: the film
+    resampled (area-averaged when shrinking), the mask by nearest neighbour, and the film
+    masked again (resampling smears lung pixels across the mask's edge) unless
+    ``keep_outside``. What a learner whose ``working_size`` is ``size`` was trained on, and what
+    the engine feeds it."""
+    from .preprocess import Letterbox
+
+    box = Letterbox(image.shape, size)
+    small_mask = box.apply(mask.astype(np.uint8), interpolation=cv2.INTER_NEAREST).astype(bool)
+    small = box.apply(image)
+    return (small if keep_outside else np.where(small_mask, small, 0).astype(np.uint8)), small_mask
+
+
+def rescale_centres(centres: torch.Tensor, from_size: int, to_size: int) -> torch.Tensor:
+    """Patch centres on a ``from_size`` grid moved to the same places of a ``to_size`` grid."""
+    if from_size == to_size:
+        return centres
+    return torch.clamp((centres.float() + 0.5) * to_size / from_size, max=to_size - 1).long()

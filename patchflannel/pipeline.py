@@ -128,6 +128,9 @@ class Pipeline:
         temperature: divides the log-probabilities of the combined prediction (calibration fitted
             with the weight module; 1 leaves them as they are).
         classes: the learners' output classes, in order (from their bundles); labels the outputs.
+        scales: per learner, the side of the film its patches come from (its bundle's
+            ``working_size``; default: the segmenter's working grid). One segmentation, the
+            masked film resized once per scale (see `PatchEngine`).
         k: patches per image (default `DEFAULT_K`, the method's 100).
         seed: base seed of the per-image patch sampling (same input, same output).
         batch_size: images decoded, segmented and classified together.
@@ -139,7 +142,8 @@ class Pipeline:
     def __init__(self, segmenter: Segmenter, learners: Mapping[str, torch.nn.Module], *, weight_module=None,
                  temperature: float = 1.0, patch_size: int = 224, normalization: Normalization | None = None,
                  classes: Sequence[str] = CLASSES, k: int = DEFAULT_K, seed: int = 0, batch_size: int = 8,
-                 device="auto", amp: bool = True, progress: bool = False, explain_batch_size: int = 8):
+                 device="auto", amp: bool = True, progress: bool = False, explain_batch_size: int = 8,
+                 scales: Mapping[str, int] | None = None):
         if weight_module is not None and weight_module.num_learners != len(learners):
             raise ValueError(f"weight module combines {weight_module.num_learners} learners, got {len(learners)}")
         if tuple(classes) != CLASSES:
@@ -148,7 +152,8 @@ class Pipeline:
         self.classes = list(classes)
         self.segmenter = segmenter
         self.engine = PatchEngine(learners, k=k, patch_size=patch_size, normalization=normalization,
-                                  device=segmenter.device if device == "auto" else device, amp=amp, seed=seed)
+                                  device=segmenter.device if device == "auto" else device, amp=amp, seed=seed,
+                                  scales=scales)
         self.weight_module = None if weight_module is None else weight_module.eval().cpu()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -157,6 +162,8 @@ class Pipeline:
         #: The weight module's bundle config when loaded from one (its fit K, training, calibration):
         #: kept so that :meth:`save_pretrained` writes it back.
         self.weight_module_record: dict | None = None
+        #: Each learner's bundle config when loaded from bundles (its backbone, training record).
+        self.learner_records: dict[str, dict] = {}
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
@@ -199,8 +206,9 @@ class Pipeline:
                             "averages of another sharpness than it learned from", fit_k, k)
         kwargs.setdefault("temperature", temperature)
         pipe = cls(seg, models, weight_module=module, patch_size=shared["patch_size"], classes=shared["classes"],
+                   scales=shared["working_sizes"],
                    normalization=Normalization(**shared["normalization"]), device=seg.device, **kwargs)
-        pipe.weight_module_record = module_config
+        pipe.weight_module_record, pipe.learner_records = module_config, shared["configs"]
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -213,10 +221,12 @@ class Pipeline:
         folder = Path(path)
         seg_config = {k: v for k, v in self.segmenter.config.items() if k not in ("weights_sha256", "weights_dtype")}
         write_bundle(folder / "segmenter", self.segmenter.model, seg_config)
-        for name, model in zip(self.learner_names, self.engine.models):
-            save_learner(folder / "learners" / name, getattr(model, "_orig_mod", model), name=name,
-                         patch_size=self.engine.patch_size, working_size=self.segmenter.working_size,
-                         normalization=self.engine.normalization)
+        for name, model, scale in zip(self.learner_names, self.engine.models, self.engine.scales):
+            record = self.learner_records.get(name, {})
+            save_learner(folder / "learners" / name, getattr(model, "_orig_mod", model),
+                         name=record.get("learner", name), patch_size=self.engine.patch_size,
+                         working_size=scale or self.segmenter.working_size, normalization=self.engine.normalization,
+                         extra={k: record[k] for k in ("input", "film_size", "training") if k in record})
         if self.weight_module is not None:
             record = self.weight_module_record or {}
             save_weight_module(folder / "ensemble", self.weight_module, learners=self.learner_names,
@@ -334,6 +344,6 @@ class Pipeline:
         pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, masked, seg.working_mask,
                                           pred.centres, self.classes.index(pred.label), patch_size=self.engine.patch_size,
                                           weights=weights, device=self.engine.device,
-                                          batch_size=self.explain_batch_size)
+                                          batch_size=self.explain_batch_size, scales=self.engine.scales)
         pred.learner_heatmaps = dict(zip(self.learner_names, maps))
         pred.working_image = seg.working_image

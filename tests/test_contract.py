@@ -48,10 +48,7 @@ def test_the_learners_working_size_sets_the_segmenters_grid(tmp_path):
     for config in learners.glob("*/config.json"):
         _edit(config.parent, working_size=512)
     pipe = Pipeline.from_bundles(learners=learners, device="cpu", k=2)
-    assert pipe.segmenter.working_size == 512
-    saved = tmp_path / "saved"
-    pipe.save_pretrained(saved)  # the grid travels with the learners it was saved with
-    assert Pipeline.from_pretrained(saved, device="cpu", k=2).segmenter.working_size == 512
+    assert pipe.segmenter.working_size == 512 and pipe.engine.scales == [512] * 5
 
 
 def test_a_saved_pipeline_keeps_the_weight_modules_record(tmp_path, default_pipeline):
@@ -80,3 +77,29 @@ def test_pipeline_labels_come_from_the_bundle_and_are_checked(segmenter):
     models, shared = load_learner_set()
     with pytest.raises(WeightsError, match="predict"):
         Pipeline(segmenter, models, patch_size=shared["patch_size"], classes=["a", "b", "c", "d"], k=2)
+
+
+def test_learners_at_two_scales_share_one_segmentation(tmp_path, pipeline, cxr4_rows):
+    """Two of the five learners on the film at 512 px, three at 1024: one segmentation on the
+    1024 grid, the same centres for all; the 1024 px learners predict exactly what they
+    predict alone, and the set survives a save and reload."""
+    learners = tmp_path / "learners"
+    shutil.copytree(default_bundle("learners"), learners)
+    for name in ("resnet18", "mobilenet_v3_small"):
+        _edit(learners / name, working_size=512)
+    pipe = Pipeline.from_bundles(learners=learners, device="cpu", k=pipeline.engine.k)
+    assert pipe.segmenter.working_size == 1024
+    assert dict(zip(pipe.learner_names, pipe.engine.scales)) == {
+        "efficientnet_lite0": 1024, "efficientnet_lite1": 1024, "efficientnet_lite2": 1024,
+        "resnet18": 512, "mobilenet_v3_small": 512}
+    film = next(r["image"] for r in cxr4_rows if r["label"] == "normal")
+    mixed, alone = pipe.predict(film, explain=True), pipeline.predict(film)
+    assert mixed.ok and (mixed.centres == alone.centres).all()
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        assert mixed.learners[name] == alone.learners[name]
+    assert all(mixed.learners[n]["probabilities"] != alone.learners[n]["probabilities"]
+               for n in ("resnet18", "mobilenet_v3_small"))
+    assert mixed.heatmap.shape == (256, 256) and set(mixed.learner_heatmaps) == set(pipe.learner_names)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = Pipeline.from_pretrained(tmp_path / "saved", device="cpu", k=pipeline.engine.k).predict(film)
+    assert again.to_dict() == mixed.to_dict()

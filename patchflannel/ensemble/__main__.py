@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     learners, shared = load_learner_set(args.learners)
     engine = PatchEngine(learners, k=args.k, patch_size=shared["patch_size"],
-                         normalization=Normalization(**shared["normalization"]), device=args.device, seed=args.seed)
+                         normalization=Normalization(**shared["normalization"]), scales=shared["working_sizes"],
+                         device=args.device, seed=args.seed)
     split = read_split(args.split)
     rows = [r for r in read_rows(args.packs) if split.get(r["patient_id"]) == args.fit_on and r["label"] in CLASSES]
     probs = predict_probs(engine, rows)

@@ -96,19 +96,31 @@ def load_learner_set(folder: str | os.PathLike | None = None, *,
         raise WeightsError(f"no learner bundles under {folder}: pass a folder of learner bundles "
                            "(each with config.json and model.safetensors), e.g. weights/learners-lite")
     loaded = [load_learner(p, verify=verify) for p in subfolders]
-    # A Pipeline feeds the working-size masked film as it is: any other input would be silently wrong.
+    for _, config in loaded:
+        config.setdefault("working_size", config.get("film_size") or DEFAULT_WORKING_SIZE)
+    # A Pipeline feeds each learner the masked film at its working size: any other input (whole
+    # films, equalised films, a film size the working size does not record) would be silently wrong.
     other = [str(p) for p, (_, c) in zip(subfolders, loaded)
-             if c.get("input", "patches") != "patches" or c.get("film_size") or c.get("equalize")]
+             if c.get("input", "patches") != "patches" or c.get("equalize")
+             or (c.get("film_size") and c["film_size"] != c["working_size"])]
     if other:
         raise WeightsError(f"{other} hold whole-image or ablation models (trained on other inputs than the "
-                           "working-size masked film), not patch learners; keep them out of a learner set")
-    loaded.sort(key=lambda mc: _order(mc[1]["learner"]))
-    for _, config in loaded:
-        config.setdefault("working_size", DEFAULT_WORKING_SIZE)
-    shared_keys = ("classes", "working_size", "patch_size", "normalization")
-    shared = {k: loaded[0][1][k] for k in shared_keys}
-    for _, config in loaded[1:]:
+                           "masked film at their working size), not patch learners; keep them out of a learner set")
+    # Named by folder (the shipped ones are named after their backbone), so one backbone can
+    # serve at two scales; in preset order, then by scale.
+    names = [c["learner"] if p == folder else p.name for p, (_, c) in zip(subfolders, loaded)]
+    if len(set(names)) != len(names):
+        raise WeightsError(f"learner bundles under {folder} share a name: {names}")
+    named = sorted(zip(names, loaded),
+                   key=lambda nl: (*_order(nl[1][1]["learner"]), -nl[1][1]["working_size"], nl[0]))
+    shared_keys = ("classes", "patch_size", "normalization")
+    shared = {k: named[0][1][1][k] for k in shared_keys}
+    for _, (_, config) in named[1:]:
         if any(config[k] != shared[k] for k in shared_keys):
             raise WeightsError(f"learner bundles under {folder} disagree on {shared_keys}; "
-                               "a set must share classes, working size, patch size and normalisation")
-    return {config["learner"]: model for model, config in loaded}, shared
+                               "a set must share classes, patch size and normalisation")
+    # Learners may look at the film at different scales: the pipeline segments on the largest grid.
+    shared["configs"] = {name: config for name, (_, config) in named}
+    shared["working_sizes"] = {name: config["working_size"] for name, (_, config) in named}
+    shared["working_size"] = max(shared["working_sizes"].values())
+    return {name: model for name, (model, _) in named}, shared

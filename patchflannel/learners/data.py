@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +20,7 @@ from ..io import load_image
 from ..preprocess import Letterbox
 from ..store import H5MaskedDataset
 from ..labels import CLASSES
-from ..patches import extract_patches, sample_centres
+from ..patches import extract_patches, rescale_film, sample_centres
 
 __all__ = ["draw_patches", "FILE_INPUTS", "LEARNER_INPUTS", "WHOLE_INPUTS", "MaskedSet", "equalize_lung",
            "load_learner_inputs", "load_masked_set", "load_whole_image_set", "read_rows"]
@@ -135,11 +134,11 @@ def load_learner_inputs(rows: Sequence[dict], input: str = "patches", size: int 
         if equalize:
             image = equalize_lung(image, mask, keep_outside=input == "patches_unmasked")
         if input == "whole_masked":
-            image, mask = _resized(image, mask, size)
+            image, mask = rescale_film(image, mask, size, keep_outside=True)
         elif input == "lung_box":
             image, mask = _lung_box(image, mask, size)
         elif film_size:
-            image, mask = _resized(image, mask, film_size)
+            image, mask = rescale_film(image, mask, film_size, keep_outside=True)
         if input != "patches_unmasked":  # resampling smears lung pixels across the resized mask's edge
             image = np.where(mask, image, 0).astype(np.uint8)
         images.append(torch.from_numpy(np.ascontiguousarray(image)))
@@ -158,20 +157,15 @@ def equalize_lung(image: np.ndarray, mask: np.ndarray, *, keep_outside: bool = F
     return lut[image] if keep_outside else np.where(mask, lut[image], 0).astype(np.uint8)
 
 
-def _resized(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    box = Letterbox(image.shape, size)
-    return box.apply(image), box.apply(mask.astype(np.uint8), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
 def _lung_box(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The bounding box of the lungs (plus 2 % of the film each side), letterboxed to ``size``."""
     ys, xs = np.nonzero(mask)
     if ys.size == 0:
-        return _resized(image, mask, size)
+        return rescale_film(image, mask, size, keep_outside=True)
     pad = round(0.02 * max(image.shape))
     y0, y1 = max(ys.min() - pad, 0), min(ys.max() + 1 + pad, image.shape[0])
     x0, x1 = max(xs.min() - pad, 0), min(xs.max() + 1 + pad, image.shape[1])
-    return _resized(image[y0:y1, x0:x1], mask[y0:y1, x0:x1], size)
+    return rescale_film(image[y0:y1, x0:x1], mask[y0:y1, x0:x1], size, keep_outside=True)
 
 
 def _as_set(rows: Sequence[dict], images: list, masks: list, classes: Sequence[str]) -> MaskedSet:

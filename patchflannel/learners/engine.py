@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..devices import autocast, resolve_device
 from ..labels import CLASSES
-from ..patches import EmptyMaskError, extract_patches, image_seed, sample_centres
+from ..patches import EmptyMaskError, extract_patches, image_seed, rescale_centres, rescale_film, sample_centres
 from .data import load_masked_set
 from .registry import Normalization
 
@@ -85,14 +85,27 @@ class PatchEngine:
             (or the seed passed to `predict`) and this seed, so the same image gives the
             same patches anywhere in any batch.
         min_lung_pixels: masks with fewer lung pixels are rejected, not sampled.
+        scales: per learner (a mapping by name, or a sequence in learner order), the side of the
+            film its patches are cut from (its bundle's ``working_size``); ``None`` or a
+            learner missing from the mapping: the grid of the images passed to `predict`.
+            The centres are drawn once, on that grid, and moved to each scale, so every
+            learner looks at the same places; each film is resized once per scale and the
+            patches of a scale are cut once for all its learners.
     """
 
     def __init__(self, learners: Mapping[str, nn.Module] | Sequence[nn.Module], *, k: int = 100,
                  patch_size: int = 224, normalization: Normalization | None = None, device="auto",
                  amp: bool = True, batch_size: int = 128, channels_last: bool = True, compile: bool = False,
-                 seed: int = 0, min_lung_pixels: int = 1000):
+                 seed: int = 0, min_lung_pixels: int = 1000,
+                 scales: Mapping[str, int] | Sequence[int | None] | None = None):
         if not isinstance(learners, Mapping):
             learners = {f"learner{i}": m for i, m in enumerate(learners)}
+        if scales is None or isinstance(scales, Mapping):
+            self.scales = [None if scales is None else scales.get(name) for name in learners]
+        else:
+            if len(scales) != len(learners):
+                raise ValueError(f"{len(scales)} scales for {len(learners)} learners")
+            self.scales = list(scales)
         self.device = resolve_device(device)
         self.names = list(learners)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -133,9 +146,37 @@ class PatchEngine:
 
         On a GPU that runs out of memory the batch size is halved and the pass retried.
         """
+        return torch.stack([self.forward_patches_with(model, patches) for model in self.models])
+
+    def scaled_films(self, images: torch.Tensor, masks: torch.Tensor, size: int) -> torch.Tensor:
+        """``images`` ``(N, H, H)`` (masked films) at ``size`` px, as learners of that
+        ``working_size`` were trained on them (`patchflannel.patches.rescale_film`)."""
+        if size == images.shape[-1]:
+            return images
+        as_uint8 = images if images.dtype == torch.uint8 else (images.float() * 255).round().to(torch.uint8)
+        small = [rescale_film(im, m, size)[0] for im, m in zip(as_uint8.cpu().numpy(), masks.cpu().numpy())]
+        return torch.from_numpy(np.stack(small)).to(images.device)
+
+    def _forward_scales(self, images: torch.Tensor, masks: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(L, N * K, C)``: each learner on the patches of its scale, cut once per scale."""
+        grid = images.shape[-1]
+        sizes = [grid if s is None else int(s) for s in self.scales]
+        if len(set(sizes)) == 1 and sizes[0] == grid:  # one scale: one cut, every learner
+            return self.forward_patches(extract_patches(images[:, None], centres, self.patch_size))
+        out: list[torch.Tensor | None] = [None] * len(self.models)
+        for size in sorted(set(sizes), reverse=True):
+            films = self.scaled_films(images, masks, size)
+            patches = extract_patches(films[:, None], rescale_centres(centres, grid, size), self.patch_size)
+            for i in (i for i, s in enumerate(sizes) if s == size):
+                out[i] = self.forward_patches_with(self.models[i], patches)
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def forward_patches_with(self, model: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(M, C)`` of one learner for ``M`` patches (batch halved on a GPU out of memory)."""
         while True:
             try:
-                return torch.stack([self._forward_one(model, patches) for model in self.models])
+                return self._forward_one(model, patches)
             except torch.OutOfMemoryError:
                 if self.device.type != "cuda" or self.batch_size == 1:
                     raise
@@ -176,7 +217,7 @@ class PatchEngine:
         centres, rejected = self.sample(images, masks, seeds)
         keep = [i for i, r in enumerate(rejected) if r is None]
         if keep:
-            probs = self.forward_patches(extract_patches(images[keep, None], centres[keep], self.patch_size))
+            probs = self._forward_scales(images[keep], masks[keep], centres[keep])
             full = torch.full((n, num_learners, self.k, probs.shape[-1]), float("nan"))
             full[keep] = probs.reshape(num_learners, len(keep), self.k, -1).transpose(0, 1).cpu()
         else:
