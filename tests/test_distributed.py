@@ -129,9 +129,16 @@ def test_learner_training_runs_unchanged_under_torchrun(training_packs, tmp_path
               "--epochs", "1", "--batch-size", "8", "--patches-per-image", "2", "--limit", "4", "--val-k", "2",
               "--no-amp", "--no-channels-last", "--device", "cpu", "--no-progress"]  # fp32, plain layout
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *common,
                     "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    from patchflannel.learners.train import main as train_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process; the same command line, in this process
+    try:
+        assert train_main([*common[2:], "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     from patchflannel.learners import create_learner
