@@ -133,10 +133,9 @@ def run_job(recipe: str, fold: int, rows: list[dict], folds: dict, args) -> dict
     pretrain, search_lr = overrides.pop("pretrain", False), overrides.pop("find_lr", False)
     drop_pack = overrides.pop("drop_pack", None)
     if drop_pack:  # that pack's training and validation patients sit out; the test fold is unchanged
-        dropped = {r["patient_id"] for r in rows if Path(r["pack"]).stem == drop_pack}
         out.mkdir(parents=True, exist_ok=True)
         split = str(out / "split.csv")
-        write_split({p: "unused" if p in dropped and role != "test" else role for p, role in roles.items()}, split)
+        write_split(fold_roles(fold, args.n_folds, rows, folds, train_without=[drop_pack]), split)
     base = dict(epochs=args.epochs, val_k=args.val_k, seed=args.seed, split_file=split, patch_size=args.patch_size,
                 **overrides)
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import PatchflannelError, run_command
+from .errors import EXIT_NOTHING_DONE, EXIT_USAGE, PatchflannelError, run_command
 from .files import atomic_write
 from .jobs.records import (
     drop_torn_tail,
@@ -37,8 +37,6 @@ from .jobs.records import (
 )
 from .jobs.shard import Shard
 from .jobs.shell import (
-    EXIT_NOTHING_DONE,
-    EXIT_USAGE,
     BatchInput,
     collect_inputs,
     exit_status,

@@ -14,12 +14,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_USAGE, PatchflannelError  # noqa: F401 (re-exported for the jobs)
+from ..errors import EXIT_NOTHING_DONE, EXIT_OK, PatchflannelError
 from ..manifest import read_inputs_manifest
 from .records import RECORD_FIELDS, printable_name
 from .shard import Shard
 
-__all__ = ["EXIT_NOTHING_DONE", "EXIT_OK", "EXIT_USAGE", "IMAGE_SUFFIXES", "MAX_PIXELS_IN_FLIGHT", "BatchInput",
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS_IN_FLIGHT", "BatchInput",
            "collect_inputs", "exit_status", "job_inputs", "list_folder", "output_path", "prepare_out_dir",
            "remove_stale_temp_files", "unique_file_name"]
 

@@ -19,10 +19,10 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import PatchflannelError, run_command
+from ..errors import EXIT_NOTHING_DONE, EXIT_USAGE, PatchflannelError, run_command
 from ..jobs.shard import Shard
 from ..store import PackWriteError
-from ..jobs.shell import EXIT_NOTHING_DONE, EXIT_USAGE, exit_status, job_inputs
+from ..jobs.shell import exit_status, job_inputs
 from .job import merge_shards, run_batch
 from .segmenter import Segmenter
 
