@@ -45,6 +45,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,14 @@ from .learners.bundle import load_learner
 from .learners.data import load_whole_image_set, read_rows
 from .learners.engine import PatchEngine, predict_probs
 from .learners.registry import PRESETS, Normalization
-from .learners.train import predict_whole_images, recipe_config, train
+from .learners.train import LearnerTrainConfig, predict_whole_images, recipe_config, train
 from .patches import DEFAULT_K
 from .errors import run_command
 
-__all__ = ["QUICK", "REDUCED_EPOCHS", "REDUCED_VAL_K", "WHOLE_IMAGE", "WHOLE_IMAGE_DIR", "finish_fold",
-           "main", "markdown", "members", "plots", "pooled_cohen", "pooled_predictions", "run_fold",
-           "summarise", "train_member", "write_fold_split"]
+__all__ = ["BASELINES", "CONVERGED", "CONVERGED_CANDIDATES", "QUICK", "REDUCED_EPOCHS", "REDUCED_VAL_K",
+           "WHOLE_IMAGE", "WHOLE_IMAGE_DIR", "WHOLE_MASKED", "WHOLE_MASKED_DIR", "banked_probs", "finish_fold",
+           "main", "markdown", "member_dir", "member_spec", "members", "plots", "pooled_cohen", "pooled_predictions",
+           "run_fold", "summarise", "train_member", "write_fold_split"]
 
 log = logging.getLogger(__name__)
 WHOLE_IMAGE = "whole-image baseline"
@@ -80,6 +82,31 @@ QUICK = {"train_limit": 48, "eval_limit": 24, "epochs": 1, "k": 4, "weight_steps
 REDUCED_EPOCHS = {"efficientnet_lite0": 3, "efficientnet_lite1": 3, "efficientnet_lite2": 3, "resnet18": 5,
                   "mobilenet_v3_small": 6}
 REDUCED_VAL_K = 4
+#: ``--budget converged``: every member trains to a validation plateau on a frozen, cached
+#: ImageNet trunk (`patchflannel.learners.cached`): ReduceLROnPlateau (x0.2 after 2 epochs
+#: without a better validation macro-F1), early stop after 6, at most 60 epochs.
+CONVERGED = {"weights": "imagenet", "frozen_blocks": 6, "schedule": "plateau", "plateau_patience": 2, "gamma": 0.2,
+             "epochs": 60, "patience": 6, "lr": 1e-3, "batch_size": 64, "patches_per_image": 4, "bank_patches": 16,
+             "val_k": 16, "amp": False}
+#: The candidates of the converged CV (learner@film size; no size: the packs' grid).
+CONVERGED_CANDIDATES = ("efficientnet_lite0", "efficientnet_lite0@512", "efficientnet_lite1", "efficientnet_lite1@512",
+                        "efficientnet_lite2", "efficientnet_lite2@512")
+WHOLE_MASKED = "whole masked film"
+WHOLE_MASKED_DIR = "whole_masked"
+BASELINES = {WHOLE_IMAGE_DIR: WHOLE_IMAGE, WHOLE_MASKED_DIR: WHOLE_MASKED}
+
+
+def member_spec(member: str) -> tuple[str, int | None]:
+    """``"efficientnet_lite0@512"`` -> (learner, film size); no ``@``: (name, None)."""
+    name, _, size = member.partition("@")
+    return name, int(size) if size else None
+
+
+def member_dir(member: str) -> str:
+    """A member's folder name (``efficientnet_lite0@512`` -> ``efficientnet_lite0-512px``): the
+    learner set names learners by folder."""
+    name, size = member_spec(member)
+    return f"{name}-{size}px" if size else name
 
 
 def write_fold_split(fold: int, rows: list[dict], folds: dict[str, int], args) -> dict[str, str]:
@@ -93,7 +120,10 @@ def write_fold_split(fold: int, rows: list[dict], folds: dict[str, int], args) -
 
 
 def members(args) -> list[str]:
-    """What a fold trains: every learner, then the whole-image baseline."""
+    """What a fold trains: every learner, then the whole-image baseline (and, converged, the
+    whole masked film)."""
+    if args.budget == "converged":
+        return [*args.learners, WHOLE_IMAGE_DIR, WHOLE_MASKED_DIR]
     return [*args.learners, WHOLE_IMAGE_DIR]
 
 
@@ -102,6 +132,17 @@ def train_member(fold: int, member: str, rows: list[dict], folds: dict[str, int]
     write_fold_split(fold, rows, folds, args)
     fold_dir = args.out / f"fold{fold}"
     overrides = {"seed": args.seed, "split_file": str(fold_dir / "split.csv")}
+    if args.budget == "converged":
+        name, size = member_spec(args.learners[0] if member in BASELINES else member)
+        inputs = {WHOLE_IMAGE_DIR: "whole_image", WHOLE_MASKED_DIR: "whole_masked"}
+        cfg = LearnerTrainConfig(**{"learner": name, "film_size": None if member in BASELINES else size,
+                                    "input": inputs.get(member, "patches"), **CONVERGED, **overrides})
+        if quick:
+            cfg = replace(cfg, epochs=quick["epochs"], val_k=2, bank_patches=2)
+        log.info("fold %d: training %s", fold, member)
+        train(args.packs, fold_dir / member_dir(member), cfg, device=args.device, progress=args.progress,
+              image_roots=args.image_roots, bank_dir=args.out / "banks", eval_k=args.eval_k)
+        return
     if quick:
         overrides.update(epochs=quick["epochs"], val_k=2)
     name = args.learners[0] if member == WHOLE_IMAGE_DIR else member
@@ -136,25 +177,29 @@ def finish_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick:
             raise SystemExit(f"{result_path} was predicted at K = {cached.get('k')}, this run asks for K = {k}: "
                              "pass --k to match it, or delete the file to redo the fold")
         return cached
-    missing = [m for m in members(args) if not (fold_dir / m / "bundle" / "config.json").is_file()]
+    missing = [m for m in members(args) if not (fold_dir / member_dir(m) / "bundle" / "config.json").is_file()]
     if missing:
         raise SystemExit(f"fold {fold}: {missing} not trained yet (run their --job commands first)")
     role = write_fold_split(fold, rows, folds, args)
     val_fold = validation_fold(fold, args.n_folds)
     t0 = time.perf_counter()
-    train_time = {WHOLE_IMAGE if m == WHOLE_IMAGE_DIR else m:
-                  json.loads((fold_dir / m / "history.json").read_text())[-1]["elapsed_s"] for m in members(args)}
+    train_time = {BASELINES.get(m, m): json.loads((fold_dir / member_dir(m) / "history.json").read_text())[-1]["elapsed_s"]
+                  for m in members(args)}
 
     # Films to predict: labelled validation films (the stacking set), labelled test films, and
     # the test patients' films outside the four classes (never trained on).
     val, test, external = fold_films(rows, role, limit=quick["eval_limit"] if quick else None, seed=fold)
-    learners, configs = {}, {}
-    for name in args.learners:
-        learners[name], configs[name] = load_learner(fold_dir / name / "bundle")
-    engine = PatchEngine(learners, k=k, normalization=Normalization(**configs[args.learners[0]]["normalization"]),
-                         device=args.device, seed=args.seed)
     log.info("fold %d: predicting %d val, %d test, %d external films", fold, len(val), len(test), len(external))
-    probs = predict_probs(engine, val + test + external, progress=args.progress).numpy()
+    learners = list(args.learners)
+    if args.budget == "converged":  # the members' evaluation banks hold the engine's patches
+        probs = np.stack([banked_probs(fold_dir / member_dir(m), val + test + external, k) for m in learners], 1)
+    else:
+        models, configs = {}, {}
+        for name in learners:
+            models[name], configs[name] = load_learner(fold_dir / name / "bundle")
+        engine = PatchEngine(models, k=k, normalization=Normalization(**configs[learners[0]]["normalization"]),
+                             device=args.device, seed=args.seed)
+        probs = predict_probs(engine, val + test + external, progress=args.progress).numpy()
     val_probs, test_probs, ext_probs = np.split(probs, [len(val), len(val) + len(test)])
     val_labels = np.asarray([CLASSES.index(r["label"]) for r in val])
 
@@ -170,21 +215,25 @@ def finish_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick:
                    "ece_calibrated": expected_calibration_error(apply_temperature(flannel_test, temperature),
                                                                 test_labels)}
 
-    whole_model, whole_cfg = load_learner(fold_dir / WHOLE_IMAGE_DIR / "bundle")
-    device = resolve_device(args.device)
-    roots = {str(p): r for p, r in zip(args.packs, args.image_roots)}
-    norm = Normalization(**whole_cfg["normalization"])
-
-    def whole(rs):
-        if not rs:
-            return np.zeros((0, len(CLASSES)), np.float32)
-        images = load_whole_image_set(rs, roots, whole_cfg["patch_size"], progress=False).images
-        return predict_whole_images(whole_model.to(device), images, norm, device).numpy()
-
     models = {name: (test_probs[:, j], ext_probs[:, j]) for j, name in enumerate(learners)}
     models[MEAN_OF_LEARNERS] = (test_probs.mean(1), ext_probs.mean(1))
     models[FLANNEL_ENSEMBLE] = (flannel_test, flannel_ext)
-    models[WHOLE_IMAGE] = (whole(test), whole(external))
+    if args.budget == "converged":
+        for folder, name in BASELINES.items():
+            models[name] = (banked_probs(fold_dir / folder, test, 1), banked_probs(fold_dir / folder, external, 1))
+    else:
+        whole_model, whole_cfg = load_learner(fold_dir / WHOLE_IMAGE_DIR / "bundle")
+        device = resolve_device(args.device)
+        roots = {str(p): r for p, r in zip(args.packs, args.image_roots)}
+        norm = Normalization(**whole_cfg["normalization"])
+
+        def whole(rs):
+            if not rs:
+                return np.zeros((0, len(CLASSES)), np.float32)
+            images = load_whole_image_set(rs, roots, whole_cfg["patch_size"], progress=False).images
+            return predict_whole_images(whole_model.to(device), images, norm, device).numpy()
+
+        models[WHOLE_IMAGE] = (whole(test), whole(external))
     result = {
         "fold": fold, "val_fold": val_fold, "k": k, "quick": bool(quick),
         "n": {"train_patients": sum(v == "train" for v in role.values()), "val": len(val), "test": len(test),
@@ -200,6 +249,20 @@ def finish_fold(fold: int, rows: list[dict], folds: dict[str, int], args, quick:
              **{name.replace(" ", "_"): p for name, (p, _) in models.items()})
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def banked_probs(run_dir: Path, rows: list[dict], k: int) -> np.ndarray:
+    """``(len(rows), C)`` mean softmax over the first ``k`` evaluation-bank items of each film, from
+    a cached-trunk run's ``predictions.npz`` (NaN for films the engine would reject)."""
+    if not rows:
+        return np.zeros((0, len(CLASSES)), np.float32)
+    saved = np.load(run_dir / "predictions.npz")
+    if saved["probs"].shape[1] < k:
+        raise SystemExit(f"{run_dir}/predictions.npz holds {saved['probs'].shape[1]} patches per film, "
+                         f"fewer than K = {k}")
+    index = {f: i for i, f in enumerate(saved["films"].tolist())}
+    picked = [index[film_id(r)] for r in rows]
+    return saved["probs"][picked, :k].astype(np.float32).mean(1)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -367,14 +430,19 @@ def main(argv=None) -> dict:
     p.add_argument("--image-roots", nargs="+", type=Path, required=True,
                    help="each pack's manifest folder (the whole-image baseline reads the original films)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--learners", nargs="+", default=list(PRESETS["lite"]))
+    p.add_argument("--learners", nargs="+", default=None,
+                   help="learners (NAME or NAME@FILM_SIZE); default: the lite preset, converged: CONVERGED_CANDIDATES")
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--folds", nargs="+", type=int, default=None, help="test folds to run (default: all)")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="patches per film at prediction")
+    p.add_argument("--k", type=int, default=None,
+                   help=f"patches per film at prediction (default {DEFAULT_K}; converged: --eval-k)")
+    p.add_argument("--eval-k", type=int, default=48,
+                   help="--budget converged: patches per film in the evaluation banks (the largest K it can score)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--budget", choices=["recipe", "reduced"], default="recipe",
-                   help="training epochs: each learner's recipe, or the reduced CPU budget (REDUCED_EPOCHS)")
+    p.add_argument("--budget", choices=["recipe", "reduced", "converged"], default="recipe",
+                   help="training epochs: each learner's recipe, the reduced CPU budget (REDUCED_EPOCHS), or "
+                        "converged: every member to a validation plateau on a frozen, cached trunk (CONVERGED)")
     p.add_argument("--train-without", nargs="+", default=[], metavar="PACK",
                    help="packs (by file stem, e.g. adult) whose patients neither train nor fit the ensemble; "
                         "their test-fold films are still scored. With a copy of another run's folds.csv in "
@@ -389,6 +457,12 @@ def main(argv=None) -> dict:
     if len(args.image_roots) != len(args.packs):
         p.error("give one --image-roots folder per pack")
     args.packs = [str(x) for x in args.packs]
+    if args.learners is None:
+        args.learners = list(CONVERGED_CANDIDATES if args.budget == "converged" else PRESETS["lite"])
+    if args.k is None:
+        args.k = args.eval_k if args.budget == "converged" else DEFAULT_K
+    if args.budget == "converged" and args.k > args.eval_k:
+        p.error(f"--k {args.k} exceeds --eval-k {args.eval_k}, the patches the evaluation banks hold")
     args.progress = not args.no_progress
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -411,7 +485,7 @@ def main(argv=None) -> dict:
         return {}
     if args.job == "collect":
         results = [finish_fold(f, rows, folds, args, quick) for f in fold_list
-                   if all((args.out / f"fold{f}" / m / "bundle").is_dir() for m in members(args))]
+                   if all((args.out / f"fold{f}" / member_dir(m) / "bundle").is_dir() for m in members(args))]
     else:
         results = [run_fold(f, rows, folds, args, quick) for f in fold_list]
     done = sorted(args.out.glob("fold*/result.json"))

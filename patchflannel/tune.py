@@ -252,7 +252,7 @@ def main(argv=None) -> None:
     if split is None:  # one split for every trial, drawn the way the trainer draws it
         from .evaluation.splits import write_split
         from .learners.data import read_rows
-        from .learners.train import make_split
+        from .learners.data import make_split
         rows = read_rows(args.packs)
         args.out.mkdir(parents=True, exist_ok=True)
         split = str((args.out / "split.csv").resolve())

@@ -115,3 +115,27 @@ def test_cohen_auc_is_pooled_over_the_folds_test_predictions(cross_validation, t
     ensemble = report["models"]["FLANNEL ensemble"]
     assert ensemble["covid_auc"] == 0.75  # pairs (0.9 > 0.2), (0.9 > 0.6), (0.3 > 0.2), (0.3 < 0.6)
     assert ensemble["noncovid_called_covid"] == 0.5  # 0.6 is called covid, 0.2 is not
+
+
+def test_converged_fold_trains_on_cached_trunks_and_scores_every_baseline(cross_validation, packs, tmp_path):
+    out = tmp_path / "cv"
+    argv = ["--packs", *map(str, packs), "--image-roots", *(str(p.with_suffix("")) for p in packs), "--n-folds", "3",
+            "--folds", "0", "--budget", "converged", "--learners", "efficientnet_lite0", "efficientnet_lite0@192",
+            "--eval-k", "4", "--quick", "--no-progress", "--out", str(out)]
+    summary = cross_validation.main(argv)
+    names = ["efficientnet_lite0", "efficientnet_lite0@192", "mean of learners", "FLANNEL ensemble",
+             "whole-image baseline", "whole masked film"]
+    assert list(summary["models"]) == names
+    result = json.loads((out / "fold0" / "result.json").read_text())
+    assert result["k"] == 4
+    for folder in ("efficientnet_lite0", "efficientnet_lite0-192px", "whole_image", "whole_masked"):
+        assert (out / "fold0" / folder / "learning_curve.png").stat().st_size > 0
+        assert (out / "fold0" / folder / "predictions.npz").is_file()
+    config = json.loads((out / "fold0" / "efficientnet_lite0-192px" / "bundle" / "config.json").read_text())
+    assert config["working_size"] == 192 and config["training"]["frozen_blocks"] == 6
+    # One bank per learner, scale and kind, shared by every fold.
+    assert sorted(p.name for p in (out / "banks").iterdir()) == sorted(
+        f"efficientnet_lite0-{kind}" for kind in (
+            "patches-frozen6-train", "patches-frozen6-eval", "patches-192px-frozen6-train",
+            "patches-192px-frozen6-eval", "whole_image-frozen6-train", "whole_image-frozen6-eval",
+            "whole_masked-frozen6-train", "whole_masked-frozen6-eval"))

@@ -34,6 +34,22 @@ def test_patch_cams_leave_no_hooks_or_graph(pipeline):
     assert not torch.is_grad_enabled() or all(p.grad is None for p in model.parameters())
 
 
+def test_explanations_backpropagate_at_most_explain_batch_size_patches_at_once(pipeline, film, monkeypatch):
+    """Grad-CAM memory is bounded by the patches of one backward pass, not by K."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, args, _out: seen.append((torch.is_grad_enabled(), len(args[0]))))
+             for m in pipeline.engine.models]
+    monkeypatch.setattr(pipeline, "explain_batch_size", 3)
+    try:
+        pipeline.predict(film, explain=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    backward_batches = [n for grad, n in seen if grad]
+    assert backward_batches and max(backward_batches) <= 3
+    assert sum(backward_batches) >= pipeline.engine.k  # every patch of the vote is explained
+
+
 def test_explained_prediction_has_lung_heatmaps(pipeline, film):
     plain = pipeline.predict(film)
     pred = pipeline.predict(film, explain=True)

@@ -262,3 +262,85 @@ def test_one_file_named_twice_in_a_manifest_is_refused(two_films, tmp_path):
     (tmp_path / "m.csv").write_text(f"image\nx.png\n{tmp_path / 'x.png'}\n")
     with pytest.raises(PatchflannelError, match="lines 2 and 3"):
         collect_inputs(tmp_path / "m.csv")
+
+
+def test_every_format_the_decoder_reads_is_listed_from_a_folder(two_films, tmp_path):
+    from PIL import Image
+
+    from patchflannel.io import load_image
+    from patchflannel.jobs.shell import list_folder
+
+    film = Image.open(two_films[0]).convert("L")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["a.png", "a.jpg", "a.tif", "a.bmp", "a.gif", "a.webp", "a.jp2", "a.pgm", "a.ppm"]
+    for name in names:
+        (film.convert("RGB") if name.endswith(".ppm") else film).save(folder / name)
+    for name in ("a.jp2", "a.pgm", "a.webp"):  # and by content alone, without a suffix
+        shutil.copyfile(folder / name, folder / name.replace(".", "_"))
+    listed = [p.name for p in list_folder(folder)]
+    assert sorted(listed) == sorted([*names, "a_jp2", "a_pgm", "a_webp"])
+    for path in list_folder(folder):
+        assert load_image(path).shape == (film.height, film.width)
+
+
+@pytest.mark.slow
+def test_predict_records_a_full_disk_under_explain_and_retries_it(pipeline, two_films, tmp_path, monkeypatch):
+    import errno
+
+    import patchflannel.predict as predict
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(two_films[0], folder / "a.png")
+    out = tmp_path / "out"
+    real = predict.write_overlay
+
+    def disk_full(out_dir, record, pred):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "overlays" / "a.png"))
+
+    monkeypatch.setattr(predict, "write_overlay", disk_full)
+    first = run_predict(folder, out, pipeline, progress=False, explain=True)
+    assert first["error"] == 1 and first["ok"] == 0
+    (record,) = [json.loads(line) for line in (out / JSONL).read_text().splitlines()]
+    assert record["status"] == "error" and "No space left on device" in record["rejection"]
+    monkeypatch.setattr(predict, "write_overlay", real)
+    again = run_predict(folder, out, pipeline, progress=False, explain=True, retry_failed=True)
+    assert again["ok"] == 1
+    assert [p.name for p in (out / "overlays").iterdir()] and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_decoded_pixels_in_flight_stay_within_the_budget(two_films, segmenter, tmp_path, monkeypatch):
+    """The segment job decodes ahead only as far as its pixel budget allows: with a budget
+    below one film, each film is decoded only once the one before it is written."""
+    import patchflannel.segment.job as job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copyfile(two_films[i % 2], folder / f"{i}.png")
+    events, lock = [], threading.Lock()
+    real = job.load_image
+
+    def decoding(path, *args, **kwargs):
+        with lock:
+            events.append("decode")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(job, "load_image", decoding)
+
+    def done(*_):
+        with lock:
+            events.append("done")
+
+    for budget, out in ((1, "tight"), (job.MAX_PIXELS_IN_FLIGHT, "default")):
+        events.clear()
+        counts = run_batch(folder, tmp_path / out, segmenter, batch_size=2, workers=2, progress=False,
+                           max_pixels_in_flight=budget, on_segmented=done)
+        assert counts["ok"] == 4
+        held = max(sum(1 if e == "decode" else -1 for e in events[:i + 1]) for i in range(len(events)))
+        if budget == 1:
+            assert events == ["decode", "done"] * 4
+        else:
+            assert held > 1  # without a tight budget the job decodes ahead of the network

@@ -73,3 +73,27 @@ def test_extraction_equals_naive_crops_with_zero_padding(real_mask_and_image):
             r, c = centres[n, k].tolist()
             np.testing.assert_array_equal(patches[n * 4 + k].numpy(), naive_crop(images[n].numpy(), r, c, 32))
     assert patches[0, :, :16, :].abs().sum() == 0  # rows above the image are zero, not stretched
+
+
+def test_a_mask_pixel_decided_differently_moves_only_the_centres_on_it(real_mask_and_image):
+    """The centres of two masks that differ in border pixels (another precision, device or CPU)
+    are the same points but for those landing on the changed pixels."""
+    from collections import Counter
+
+    mask, _ = real_mask_and_image
+    k = 100
+
+    def centres(m):
+        return Counter(map(tuple, sample_centres(m, k, generator=torch.Generator().manual_seed(3)).tolist()))
+
+    before = centres(mask)
+    # Flip a whole border: every lung pixel with a background neighbour, one pixel wide.
+    inner = mask.clone()
+    inner[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    border = mask & ~inner
+    assert border.sum() > 100
+    after = centres(inner)
+    on_border = sum(n for (r, c), n in before.items() if border[r, c])
+    shared = sum((before & after).values())
+    assert shared == k - on_border  # every centre off the changed pixels stays
+    assert on_border < 0.1 * k

@@ -9,9 +9,9 @@ from patchflannel.learners.train import (
     LearnerTrainConfig,
     find_lr,
     rotate_quarters,
-    style_balanced_weights,
     train,
 )
+from patchflannel.learners.data import style_balanced_weights
 from patchflannel.training.lr_finder import lr_range_test, suggest
 
 PATCH = 96  # the 384 px packs of conftest.py

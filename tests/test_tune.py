@@ -85,7 +85,7 @@ def test_search_runs_trials_and_reports_macro_f1(request, packs, tmp_path, sched
     address = request.getfixturevalue(ray_fixture)
     from patchflannel.evaluation.splits import write_split
     from patchflannel.learners.data import read_rows
-    from patchflannel.learners.train import make_split
+    from patchflannel.learners.data import make_split
     from patchflannel.tune import SEARCHED, run_search
 
     base = LearnerTrainConfig(**TINY)

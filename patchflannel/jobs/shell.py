@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 #: Suffixes listed from folders; other files are listed only when their first bytes say they
 #: are an image (DICOM is often stored without a suffix).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tif", ".tiff", ".bmp", ".gif", ".webp",
+                  ".jp2", ".j2k", ".j2c", ".jpx", ".jpf", ".ppm", ".pgm", ".pbm", ".pnm",
                   ".dcm", ".dicom", ".dic"}
-#: Leading bytes of the formats `patchflannel.io.load_image` reads.
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF87a", b"GIF89a")
+#: Leading bytes of the formats `patchflannel.io.load_image` reads (WebP: RIFF....WEBP, below).
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF87a", b"GIF89a",
+          b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
 #: Default bound on decoded pixels held by a batch job at once (about 0.5 GB as float32): one
 #: 100 MP film at a time, or 32 films of 4 MP.
 MAX_PIXELS_IN_FLIGHT = 128_000_000

@@ -8,6 +8,8 @@ could make timm download is refused before anything is built."""
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,8 @@ from ..errors import WeightsError
 from ..labels import CLASSES
 from .registry import Normalization, PRESETS, create_learner
 
-__all__ = ["DEFAULT_WORKING_SIZE", "load_learner", "load_learner_set", "save_learner"]
+__all__ = ["DEFAULT_WORKING_SIZE", "config_record", "load_learner", "load_learner_set", "save_learner",
+           "save_trained_learner"]
 
 
 
@@ -124,3 +127,18 @@ def load_learner_set(folder: str | os.PathLike | None = None, *,
     shared["working_sizes"] = {name: config["working_size"] for name, (_, config) in named}
     shared["working_size"] = max(shared["working_sizes"].values())
     return {name: model for name, (model, _) in named}, shared
+
+
+def config_record(cfg) -> dict:
+    """``cfg`` as saved with checkpoints, bundles and reports (not the split file's local path)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "split_file"}
+
+
+def save_trained_learner(out_dir: Path, model: torch.nn.Module, cfg, record: dict, entry: dict,
+                         working_size: int, classes) -> None:
+    """The best model so far as ``out_dir/bundle``, with its training record."""
+    save_learner(out_dir / "bundle", model, name=cfg.learner, patch_size=cfg.patch_size, working_size=working_size,
+                 normalization=cfg.normalization, classes=classes,
+                 extra={"input": cfg.input, "film_size": cfg.film_size, "equalize": cfg.equalize,
+                        "training": {**record, "best_epoch": entry["best_epoch"],
+                                     "val_macro_f1": entry["val_macro_f1"]}})

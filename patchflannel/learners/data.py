@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 from ..io import load_image
 from ..preprocess import Letterbox
 from ..store import H5MaskedDataset
+from ..evaluation.splits import read_split, split_patients
 from ..labels import CLASSES
 from ..patches import extract_patches, rescale_film, sample_centres
 
 __all__ = ["draw_patches", "FILE_INPUTS", "LEARNER_INPUTS", "WHOLE_INPUTS", "MaskedSet", "equalize_lung",
-           "load_learner_inputs", "load_masked_set", "load_whole_image_set", "read_rows"]
+           "load_learner_inputs", "load_masked_set", "load_whole_image_set", "make_split", "read_rows",
+           "style_balanced_weights"]
 
 
 @dataclass
@@ -182,3 +184,36 @@ def draw_patches(data: MaskedSet, indices: torch.Tensor, k: int, size: int, gene
     centres = torch.stack([sample_centres(data.masks[i], k, generator=generator, min_pixels=min_lung_pixels)
                            for i in indices.tolist()])
     return extract_patches(data.images[indices][:, None], centres, size).float() / 255.0
+
+
+def make_split(rows: list[dict], cfg) -> dict[str, str]:
+    """``{patient_id: split}``: ``cfg.split_file`` if given, else seeded, stratified by source and label."""
+    if cfg.split_file:
+        split = read_split(cfg.split_file)
+        missing = {r["patient_id"] for r in rows} - set(split)
+        if missing:
+            raise ValueError(f"{cfg.split_file} lacks {len(missing)} patients, e.g. {sorted(missing)[:3]}")
+        return split
+    return split_patients(rows, cfg.split_fractions, seed=cfg.seed, stratify_by=("source", "label"))
+
+
+def style_balanced_weights(labels: np.ndarray, sources: list[str]) -> torch.Tensor:
+    """Sampling weights that give every class the same share and, within a class, every
+    ``source`` the same share of that class: a film weighs
+    ``1 / (classes x sources of its class x films of its (source, class))``.
+
+    With the class-balanced sampler, a source that holds most of a class sets that class's
+    look (NIH films for adult normals, Kermany's for children). Here Cohen's few non-COVID
+    adult films are drawn as often as the NIH normals, so "adult hospital style" no longer
+    separates covid from the rest as cleanly.
+    """
+    labels = np.asarray(labels)
+    cells: dict[tuple[int, str], int] = {}
+    for label, source in zip(labels, sources):
+        if label >= 0:
+            cells[label, source] = cells.get((label, source), 0) + 1
+    classes = {label for label, _ in cells}
+    sources_of = {c: sum(label == c for label, _ in cells) for c in classes}
+    weights = [0.0 if label < 0 else 1.0 / (len(classes) * sources_of[label] * cells[label, source])
+               for label, source in zip(labels, sources)]
+    return torch.as_tensor(weights, dtype=torch.float64)

@@ -33,7 +33,7 @@ import sys
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..devices import autocast, resolve_device
 from ..evaluation.metrics import classification_report
-from ..evaluation.splits import read_split, split_patients, write_split
+from ..evaluation.splits import write_split
 from ..labels import CLASSES
 from ..losses import FocalLoss
 from ..options import add_config_arguments, config_from_args
@@ -51,7 +51,7 @@ from ..training.distributed import setup
 from ..training.loop import fit, grad_scaler, optimization_step
 from ..training.lr_finder import lr_range_test, write_lr_result
 from ..training.schedules import OPTIMIZERS, SCHEDULES, LRPolicy, layer_groups, make_optimizer
-from .bundle import save_learner
+from .bundle import config_record, save_trained_learner
 from .data import (
     FILE_INPUTS,
     LEARNER_INPUTS,
@@ -59,15 +59,17 @@ from .data import (
     MaskedSet,
     draw_patches,
     load_learner_inputs,
+    make_split,
     read_rows,
+    style_balanced_weights,
 )
 from .engine import PatchEngine
 from .registry import Normalization, create_learner
 from ..errors import run_command
 
-__all__ = ["BALANCES", "TASKS", "RECIPES", "ROTATION_CLASSES", "LearnerTrainConfig", "config_record", "draw_inputs",
-           "evaluate", "find_lr", "main", "make_split", "predict_inputs",
-           "predict_whole_images", "recipe_config", "rotate_quarters", "style_balanced_weights", "train",
+__all__ = ["BALANCES", "TASKS", "RECIPES", "ROTATION_CLASSES", "LearnerTrainConfig", "draw_inputs",
+           "evaluate", "find_lr", "main", "predict_inputs",
+           "predict_whole_images", "recipe_config", "rotate_quarters", "train",
            "training_batch"]
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,10 @@ class LearnerTrainConfig:
     task: str = "classify"  # "classify" (the four classes) or "rotation" (label-free pretraining)
     weights: str | None = None  # None, "imagenet" (installed package) or a local file
     freeze_fraction: float = 0.0  # first fraction of parameter tensors kept frozen (pretrained starts only)
+    # > 0: the stem and this many stages of an EfficientNet stay frozen and their activations are
+    # cached in patch banks (patchflannel.learners.cached): only the rest trains, at a fraction of the cost
+    frozen_blocks: int = 0
+    bank_patches: int = 16  # with frozen_blocks: augmented patches (whole films: copies) per film in the bank
     patch_size: int = 224
     epochs: int = 10
     batch_size: int = 32  # patches per step
@@ -139,17 +145,6 @@ def recipe_config(learner: str, **overrides) -> LearnerTrainConfig:
                                  **RECIPES.get(learner, {}), **overrides})
 
 
-def make_split(rows: list[dict], cfg: LearnerTrainConfig) -> dict[str, str]:
-    """``{patient_id: split}``: ``cfg.split_file`` if given, else seeded, stratified by source and label."""
-    if cfg.split_file:
-        split = read_split(cfg.split_file)
-        missing = {r["patient_id"] for r in rows} - set(split)
-        if missing:
-            raise ValueError(f"{cfg.split_file} lacks {len(missing)} patients, e.g. {sorted(missing)[:3]}")
-        return split
-    return split_patients(rows, cfg.split_fractions, seed=cfg.seed, stratify_by=("source", "label"))
-
-
 def draw_inputs(data: MaskedSet, indices: torch.Tensor, cfg: LearnerTrainConfig, augmentation: Augmentation,
                 generator: torch.Generator) -> torch.Tensor:
     """A training batch in [0, 1] augmented with ``augmentation`` (``cfg.augment``, parsed once per
@@ -196,11 +191,6 @@ def evaluate(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrainConfig, d
     if cfg.task == "rotation":
         return _evaluate_rotation(model, data, cfg, device, k)
     return classification_report(data.labels, predict_inputs(model, data, cfg, device, k).argmax(-1).numpy())
-
-
-def config_record(cfg: LearnerTrainConfig) -> dict:
-    """``cfg`` as saved with checkpoints, bundles and reports (not the split file's local path)."""
-    return {k: v for k, v in asdict(cfg).items() if k != "split_file"}
 
 
 @dataclass
@@ -286,28 +276,6 @@ def _prepare(packs, out_dir: Path, cfg: LearnerTrainConfig, *, device, progress:
                 max(1, cfg.batch_size // per_image), augmentation, loss_fn, sample_weight)
 
 
-def style_balanced_weights(labels: np.ndarray, sources: list[str]) -> torch.Tensor:
-    """Sampling weights that give every class the same share and, within a class, every
-    ``source`` the same share of that class: a film weighs
-    ``1 / (classes x sources of its class x films of its (source, class))``.
-
-    With the class-balanced sampler, a source that holds most of a class sets that class's
-    look (NIH films for adult normals, Kermany's for children). Here Cohen's few non-COVID
-    adult films are drawn as often as the NIH normals, so "adult hospital style" no longer
-    separates covid from the rest as cleanly.
-    """
-    labels = np.asarray(labels)
-    cells: dict[tuple[int, str], int] = {}
-    for label, source in zip(labels, sources):
-        if label >= 0:
-            cells[label, source] = cells.get((label, source), 0) + 1
-    classes = {label for label, _ in cells}
-    sources_of = {c: sum(label == c for label, _ in cells) for c in classes}
-    weights = [0.0 if label < 0 else 1.0 / (len(classes) * sources_of[label] * cells[label, source])
-               for label, source in zip(labels, sources)]
-    return torch.as_tensor(weights, dtype=torch.float64)
-
-
 def training_batch(run: _Run, indices: torch.Tensor, cfg: LearnerTrainConfig,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (normalised) and targets of one global batch: the images' classes, or for the
@@ -353,8 +321,13 @@ def _evaluate_rotation(model: torch.nn.Module, data: MaskedSet, cfg: LearnerTrai
 
 def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig, *, device="auto",
           progress: bool = True, limit: int | None = None, max_epochs_this_run: int | None = None,
-          image_roots: list[str | Path] | None = None, on_epoch=None) -> dict:
+          image_roots: list[str | Path] | None = None, on_epoch=None, bank_dir: str | Path | None = None,
+          eval_k: int = 48) -> dict:
     """Train (or resume) one learner. Returns the history and the best validation macro-F1.
+
+    With ``cfg.frozen_blocks`` > 0 the run trains on cached trunk activations
+    (`patchflannel.learners.cached.train_cached`; banks under ``bank_dir``, default
+    ``out_dir/banks``, with ``eval_k`` evaluation patches per film).
 
     ``image_roots`` (one folder per pack, for ``cfg.input`` in ``FILE_INPUTS``) is where each
     pack's relative ``input`` paths point. ``on_epoch(entry, checkpoint_path)``, if given, is
@@ -362,6 +335,14 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     record), e.g. to report to a hyper-parameter search. Resuming with a different ``lr``,
     ``momentum`` or ``weight_decay`` than the checkpoint's applies the new values from there on."""
     out_dir = Path(out_dir)
+    if cfg.frozen_blocks:
+        from .cached import train_cached
+
+        if limit or on_epoch is not None:
+            raise ValueError("a cached-trunk run (frozen_blocks > 0) takes neither limit nor on_epoch")
+        return train_cached(packs, out_dir, cfg, bank_dir=bank_dir or out_dir / "banks", eval_k=eval_k,
+                            image_roots=image_roots, device=device, progress=progress,
+                            max_epochs_this_run=max_epochs_this_run)
     run = _prepare(packs, out_dir, cfg, device=device, progress=progress, limit=limit, image_roots=image_roots)
     place, device, progress, model, train_set, val_set = (run.place, run.device, run.progress, run.model,
                                                           run.train_set, run.val_set)
@@ -384,12 +365,8 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
                 "val_f1": {c: v["f1"] for c, v in report["per_class"].items()}}
 
     def save_best(model: torch.nn.Module, entry: dict) -> None:
-        save_learner(out_dir / "bundle", model, name=cfg.learner, patch_size=cfg.patch_size,
-                     working_size=cfg.film_size or int(train_set.images.shape[-1]),
-                     normalization=cfg.normalization, classes=classes,
-                     extra={"input": cfg.input, "film_size": cfg.film_size, "equalize": cfg.equalize,
-                            "training": {**record, "best_epoch": entry["best_epoch"],
-                                         "val_macro_f1": entry["val_macro_f1"]}})
+        save_trained_learner(out_dir, model, cfg, record, entry, cfg.film_size or int(train_set.images.shape[-1]),
+                             classes)
 
     result = fit(model, optimizer, scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                  images_per_step=run.images_per_step, seed=cfg.seed, draw_order=draw_order,
@@ -484,6 +461,10 @@ OPTION_HELP = {
     "val_k": "patches per validation image",
     "split_file": "patient_id,split CSV to reuse instead of drawing one",
     "amp": "bf16/fp16 autocast where fast (float32 is faster for depthwise convolutions on CPU)",
+    "frozen_blocks": "EfficientNets: keep the stem and this many stages frozen and train the rest on their "
+                     "cached activations (patch banks; 0 = train end to end)",
+    "bank_patches": "with --frozen-blocks: augmented patches (whole-film inputs: augmented copies) per film in "
+                    "the training bank",
     "task": "rotation: label-free pretraining (predict each patch's quarter turn) on every film of the "
             "training patients; fine-tune from its bundle with --weights BUNDLE/model.safetensors",
 }
@@ -500,6 +481,10 @@ def main(argv=None) -> int:
     add_config_arguments(p, LearnerTrainConfig, names={"split_file": "split"}, help=OPTION_HELP, choices={
         "input": list(LEARNER_INPUTS), "task": TASKS, "balance": BALANCES, "optimizer": OPTIMIZERS,
         "schedule": SCHEDULES})
+    p.add_argument("--bank-dir", type=Path, default=None,
+                   help="with --frozen-blocks: folder of the patch banks (default OUT/banks; share it between runs)")
+    p.add_argument("--eval-k", type=int, default=48,
+                   help="with --frozen-blocks: evaluation patches per film in the evaluation bank")
     p.add_argument("--device", default="auto")
     p.add_argument("--find-lr", action="store_true",
                    help="run a learning-rate range test instead of training: OUT/lr_find.json and lr_find.png")
@@ -515,7 +500,8 @@ def main(argv=None) -> int:
         print(json.dumps({k: found[k] for k in ("steepest", "minimum", "suggested_range")}))
         return 0
     result = train(args.packs, args.out, cfg, device=args.device, progress=not args.no_progress, limit=args.limit,
-                   max_epochs_this_run=args.max_epochs_this_run, image_roots=args.image_roots)
+                   max_epochs_this_run=args.max_epochs_this_run, image_roots=args.image_roots,
+                   bank_dir=args.bank_dir, eval_k=args.eval_k)
     print(json.dumps({"best_val_macro_f1": result["best_val_macro_f1"], "best_epoch": result["best_epoch"],
                       "epochs": len(result["history"])}))
     return 0
