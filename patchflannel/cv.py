@@ -67,10 +67,10 @@ from .learners.train import LearnerTrainConfig, predict_whole_images, recipe_con
 from .patches import DEFAULT_K
 from .errors import run_command
 
-__all__ = ["BASELINES", "CONVERGED", "CONVERGED_CANDIDATES", "QUICK", "REDUCED_EPOCHS", "REDUCED_VAL_K",
+__all__ = ["BASELINES", "CONVERGED", "CONVERGED_CANDIDATES", "K_STUDY", "QUICK", "REDUCED_EPOCHS", "REDUCED_VAL_K",
            "WHOLE_IMAGE", "WHOLE_IMAGE_DIR", "WHOLE_MASKED", "WHOLE_MASKED_DIR", "banked_probs", "finish_fold",
-           "main", "markdown", "member_dir", "member_spec", "members", "plots", "pooled_cohen", "pooled_predictions",
-           "run_fold", "summarise", "train_member", "write_fold_split"]
+           "k_study", "main", "markdown", "member_dir", "member_spec", "members", "plots", "pooled_cohen",
+           "pooled_predictions", "rank_candidates", "run_fold", "summarise", "train_member", "write_fold_split"]
 
 log = logging.getLogger(__name__)
 WHOLE_IMAGE = "whole-image baseline"
@@ -263,6 +263,52 @@ def banked_probs(run_dir: Path, rows: list[dict], k: int) -> np.ndarray:
     index = {f: i for i, f in enumerate(saved["films"].tolist())}
     picked = [index[film_id(r)] for r in rows]
     return saved["probs"][picked, :k].astype(np.float32).mean(1)
+
+
+#: Patch counts of the K study (each a prefix of the evaluation banks' patches).
+K_STUDY = (1, 2, 4, 8, 16, 24, 32, 48, 64, 100)
+
+
+def k_study(args, rows: list[dict], folds: dict[str, int], fold_list: list[int]) -> dict:
+    """Test macro-F1 of every learner, their plain mean and FLANNEL (refitted on the validation
+    fold at each K) against K, per finished converged fold: the first K patches of the
+    evaluation banks are the patches the engine draws at K."""
+    from .evaluation.metrics import classification_report
+
+    out = {"k": [k for k in K_STUDY if k <= args.eval_k], "folds": {}}
+    for fold in fold_list:
+        fold_dir = args.out / f"fold{fold}"
+        if not all((fold_dir / member_dir(m) / "predictions.npz").is_file() for m in args.learners):
+            continue
+        role = fold_roles(fold, args.n_folds, rows, folds, train_without=args.train_without or ())
+        val, test, _ = fold_films(rows, role, seed=fold)
+        val_y = np.asarray([CLASSES.index(r["label"]) for r in val])
+        test_y = np.asarray([CLASSES.index(r["label"]) for r in test])
+        entry = {name: [] for name in [*args.learners, MEAN_OF_LEARNERS, FLANNEL_ENSEMBLE]}
+        for k in out["k"]:
+            val_p = np.stack([banked_probs(fold_dir / member_dir(m), val, k) for m in args.learners], 1)
+            test_p = np.stack([banked_probs(fold_dir / member_dir(m), test, k) for m in args.learners], 1)
+            module = fit_weight_module(val_p, val_y, WeightModuleConfig(seed=args.seed))
+            combined = {**{m: test_p[:, j] for j, m in enumerate(args.learners)}, MEAN_OF_LEARNERS: test_p.mean(1),
+                        FLANNEL_ENSEMBLE: module.predict_proba(test_p).numpy()}
+            for name, p in combined.items():
+                entry[name].append(classification_report(test_y, p.argmax(-1))["macro_f1"])
+        out["folds"][str(fold)] = entry
+    return out
+
+
+def rank_candidates(args, fold: int) -> list[dict]:
+    """The learners of a fold by their best validation macro-F1 (the selection rule of the
+    converged CV's five: chosen on the validation fold, never on the test fold)."""
+    ranked = []
+    for member in args.learners:
+        history_file = args.out / f"fold{fold}" / member_dir(member) / "history.json"
+        if history_file.is_file():
+            history = json.loads(history_file.read_text())
+            best = max(history, key=lambda h: h["val_macro_f1"])
+            ranked.append({"member": member, "val_macro_f1": best["val_macro_f1"], "best_epoch": best["epoch"],
+                           "epochs": len(history), "train_seconds": history[-1]["elapsed_s"]})
+    return sorted(ranked, key=lambda r: -r["val_macro_f1"])
 
 
 def summarise(results: list[dict]) -> dict:
@@ -496,6 +542,9 @@ def main(argv=None) -> dict:
                     "quick": args.quick, "budget": args.budget,
                     "epochs": REDUCED_EPOCHS if args.budget == "reduced" else None})
     summary["cohen_pooled"] = pooled_cohen(args.out, summary["folds"], list(summary["models"]))
+    if args.budget == "converged":
+        summary["k_study"] = k_study(args, rows, folds, summary["folds"])
+        summary["candidates"] = {str(f): rank_candidates(args, f) for f in summary["folds"]}
     summary["plots"] = plots(summary, args.out)
     (args.out / "summary.md").write_text(markdown(summary) + "\n")
     print(markdown(summary))

@@ -131,6 +131,10 @@ def test_converged_fold_trains_on_cached_trunks_and_scores_every_baseline(cross_
     for folder in ("efficientnet_lite0", "efficientnet_lite0-192px", "whole_image", "whole_masked"):
         assert (out / "fold0" / folder / "learning_curve.png").stat().st_size > 0
         assert (out / "fold0" / folder / "predictions.npz").is_file()
+    study = summary["k_study"]
+    assert study["k"] == [1, 2, 4] and set(study["folds"]["0"]) == {*names[:4]}
+    assert all(0 <= f1 <= 1 for curve in study["folds"]["0"].values() for f1 in curve)
+    assert [c["member"] for c in summary["candidates"]["0"]] and len(summary["candidates"]["0"]) == 2
     config = json.loads((out / "fold0" / "efficientnet_lite0-192px" / "bundle" / "config.json").read_text())
     assert config["working_size"] == 192 and config["training"]["frozen_blocks"] == 6
     # One bank per learner, scale and kind, shared by every fold.
