@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .runtime import BACKEND_HELP, BACKENDS
 from .evaluation.splits import read_split
 from .manifest import read_manifest
 from .errors import PatchflannelError, run_command
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     p.add_argument("--pipeline", type=Path, default=None, help="pipeline bundle (default: weights/pipeline-lite)")
     p.add_argument("--k", type=int, default=32, help="patches per film (32 keeps the demo short; the pipeline's own default is its bundle's)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, ...")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
     args = p.parse_args(argv)
 
     from .hub import default_bundle
@@ -114,7 +116,7 @@ def main(argv=None) -> None:
 
     try:
         rows = sample_rows(read_manifest(args.data / "cxr4" / "manifest.csv"), args.per_group, args.seed)
-        pipeline = Pipeline.from_pretrained(args.pipeline, k=args.k, device=args.device)
+        pipeline = Pipeline.from_pretrained(args.pipeline, k=args.k, device=args.device, backend=args.backend)
     except PatchflannelError as exc:
         raise SystemExit(f"error: {exc} (the demo reads <data>/cxr4; pass --data or set PATCHFLANNEL_DATA)")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from .learners.engine import PatchEngine
 from .labels import CLASSES, FLANNEL_ENSEMBLE, MEAN_OF_LEARNERS
 from .learners.registry import Normalization
 from .patches import DEFAULT_K, image_seed
+from .runtime import resolve_backend
 from .segment.segmenter import Segmenter
 
 __all__ = ["Pipeline", "Prediction"]
@@ -137,13 +138,19 @@ class Pipeline:
         device: ``"auto"`` (cuda when present), ``"cpu"``, ...
         progress: show a progress bar over batches.
         explain_batch_size: patches per Grad-CAM backward pass (``explain=True``); bounds its memory.
+        backend: ``"torch"`` (eager), ``"onnxruntime"`` (the networks exported to ONNX, checked
+            against PyTorch, run by ONNX Runtime on the CPU) or ``"auto"`` (ONNX Runtime on a
+            CPU when installed); see `patchflannel.runtime`. Grad-CAM always runs in PyTorch.
+        bundle_folders: ``{learner name or "segmenter": bundle folder}``, where exported graphs are
+            cached (`patchflannel.runtime.cache_folder`); set by `from_bundles`.
     """
 
     def __init__(self, segmenter: Segmenter, learners: Mapping[str, torch.nn.Module], *, weight_module=None,
                  temperature: float = 1.0, patch_size: int = 224, normalization: Normalization | None = None,
                  classes: Sequence[str] = CLASSES, k: int = DEFAULT_K, seed: int = 0, batch_size: int = 8,
                  device="auto", amp: bool = True, progress: bool = False, explain_batch_size: int = 8,
-                 scales: Mapping[str, int] | None = None):
+                 scales: Mapping[str, int] | None = None, backend: str = "torch",
+                 bundle_folders: Mapping[str, str | os.PathLike] | None = None):
         if weight_module is not None and weight_module.num_learners != len(learners):
             raise ValueError(f"weight module combines {weight_module.num_learners} learners, got {len(learners)}")
         if tuple(classes) != CLASSES:
@@ -164,6 +171,10 @@ class Pipeline:
         self.weight_module_record: dict | None = None
         #: Each learner's bundle config when loaded from bundles (its backbone, training record).
         self.learner_records: dict[str, dict] = {}
+        folders = bundle_folders or {}
+        self.backend = resolve_backend(backend, self.engine.device)
+        self.engine.use_backend(self.backend, folders)
+        self.segmenter.use_backend(self.backend, folders.get("segmenter"))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device="auto", **kwargs) -> Pipeline:
@@ -205,8 +216,10 @@ class Pipeline:
                 log.warning("the weight module was fitted on %d patches per film and runs on %d: its inputs are "
                             "averages of another sharpness than it learned from", fit_k, k)
         kwargs.setdefault("temperature", temperature)
+        folders = {**shared.get("folders", {}),
+                   "segmenter": resolve_bundle(segmenter or default_bundle("segmenter"), "segmenter bundle")}
         pipe = cls(seg, models, weight_module=module, patch_size=shared["patch_size"], classes=shared["classes"],
-                   scales=shared["working_sizes"],
+                   scales=shared["working_sizes"], bundle_folders=folders,
                    normalization=Normalization(**shared["normalization"]), device=seg.device, **kwargs)
         pipe.weight_module_record, pipe.learner_records = module_config, shared["configs"]
         return pipe
@@ -220,8 +233,8 @@ class Pipeline:
 
         folder = Path(path)
         seg_config = {k: v for k, v in self.segmenter.config.items() if k not in ("weights_sha256", "weights_dtype")}
-        write_bundle(folder / "segmenter", self.segmenter.model, seg_config)
-        for name, model, scale in zip(self.learner_names, self.engine.models, self.engine.scales):
+        write_bundle(folder / "segmenter", self.segmenter.torch_model, seg_config)
+        for name, model, scale in zip(self.learner_names, self.engine.torch_models, self.engine.scales):
             record = self.learner_records.get(name, {})
             save_learner(folder / "learners" / name, getattr(model, "_orig_mod", model),
                          name=record.get("learner", name), patch_size=self.engine.patch_size,
@@ -341,7 +354,7 @@ class Pipeline:
         from .explain import lung_heatmap
 
         weights = list(pred.learner_weights.values()) if pred.learner_weights else None
-        pred.heatmap, maps = lung_heatmap(self.engine.models, self.engine.normalize, masked, seg.working_mask,
+        pred.heatmap, maps = lung_heatmap(self.engine.torch_models, self.engine.normalize, masked, seg.working_mask,
                                           pred.centres, self.classes.index(pred.label), patch_size=self.engine.patch_size,
                                           weights=weights, device=self.engine.device,
                                           batch_size=self.explain_batch_size, scales=self.engine.scales)

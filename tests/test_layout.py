@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "patchflannel"
 
 LAYERS = [
     ["errors", "labels", "files"],
-    ["devices", "losses", "options", "io", "preprocess", "manifest", "bundle", "hub", "pretrained", "store", "patches",
+    ["devices", "losses", "options", "runtime", "io", "preprocess", "manifest", "bundle", "hub", "pretrained", "store", "patches",
      "training", "evaluation", "jobs"],
     ["segment"],
     ["learners"],

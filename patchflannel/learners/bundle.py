@@ -126,6 +126,7 @@ def load_learner_set(folder: str | os.PathLike | None = None, *,
     shared["configs"] = {name: config for name, (_, config) in named}
     shared["working_sizes"] = {name: config["working_size"] for name, (_, config) in named}
     shared["working_size"] = max(shared["working_sizes"].values())
+    shared["folders"] = dict(zip(names, subfolders))
     return {name: model for name, (model, _) in named}, shared
 
 

@@ -15,9 +15,9 @@ one bank serves every fold of a cross-validation and every epoch:
   same centres, the same film rescaling), so validation, stacking and testing need no further
   trunk pass, and the first K of them are the patches at any smaller K.
 
-The trunk runs through ONNX Runtime when it is installed (3.5x eager PyTorch for
-EfficientNet-Lite0's trunk on a 2-core CPU, ``pip install patchflannel[bench]``), else through
-PyTorch; the two agree to ~1e-4. The trained learner is an ordinary bundle (trunk and top in
+The trunk runs through ONNX Runtime when it is installed (about twice eager PyTorch for the
+EfficientNet-Lite trunks on a 2-core CPU, ``benchmarks/learner_train_speed.py``; ``pip install
+patchflannel[fast]``), else through PyTorch; the export is checked against PyTorch first. The trained learner is an ordinary bundle (trunk and top in
 one model): the Pipeline and the engine run it like any other.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ from ..labels import CLASSES
 from ..training.augment import Augmentation
 from ..training.distributed import setup
 from ..training.loop import fit
+from ..runtime import onnx_model, resolve_backend
 from ..training.schedules import LRPolicy, layer_groups, make_optimizer
 from .bundle import config_record, load_learner, save_trained_learner
 from .data import (WHOLE_INPUTS, draw_patches, load_learner_inputs, load_masked_set, make_split, read_rows,
@@ -92,65 +93,22 @@ def split_trunk(model: nn.Module, frozen_blocks: int) -> tuple[nn.Module, nn.Mod
 
 class TrunkRunner:
     """The frozen trunk as a function of normalised ``(N, 1, P, P)`` float patches -> float16
-    activations; through ONNX Runtime when installed (exported once into ``folder``)."""
+    activations; through ONNX Runtime when installed (exported once into ``folder``, checked
+    against PyTorch: `patchflannel.runtime.onnx_model`)."""
 
     def __init__(self, trunk: nn.Module, folder: Path, patch_size: int, device: torch.device,
                  onnx: bool | None = None):
-        self.trunk, self.device = trunk.to(device).to(memory_format=torch.channels_last), device
-        self.session = None
         if onnx is None:
-            onnx = device.type == "cpu" and _has_onnxruntime()
-        if onnx:
-            import onnxruntime
-
-            path = Path(folder) / "trunk.onnx"
-            if not path.is_file():
-                atomic_write(path, lambda tmp: _export_onnx(trunk, patch_size, tmp))
-                self.trunk = trunk.to(device).to(memory_format=torch.channels_last)
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self._check_agreement(patch_size)
-
-    def _check_agreement(self, patch_size: int) -> None:
-        x = torch.rand(2, 1, patch_size, patch_size, generator=torch.Generator().manual_seed(0)) * 4 - 2
-        gap = float((self._torch(x) - torch.from_numpy(self._onnx(x))).abs().max())
-        if gap > 1e-2:
-            raise RuntimeError(f"the ONNX export of the trunk disagrees with PyTorch by {gap:.3g}: delete "
-                               "trunk.onnx or run without onnxruntime")
+            onnx = resolve_backend("auto", device) == "onnxruntime"
+        self.device = device
+        self.run = (onnx_model(trunk, (1, 1, patch_size, patch_size), folder) if onnx
+                    else trunk.to(device).to(memory_format=torch.channels_last))
 
     @torch.inference_mode()
-    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, True):
-            return self.trunk(x).float().cpu()
-
-    def _onnx(self, x: torch.Tensor) -> np.ndarray:
-        return self.session.run(None, {"x": x.numpy()})[0]
-
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        out = self._onnx(x) if self.session is not None else self._torch(x).numpy()
-        return out.astype(np.float16)
-
-
-def _export_onnx(trunk: nn.Module, patch_size: int, path) -> None:
-    import warnings
-
-    example = torch.zeros(2, 1, patch_size, patch_size)
-    with warnings.catch_warnings():  # the TorchScript exporter: the dynamo one needs onnxscript
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(trunk.cpu().to(memory_format=torch.contiguous_format), (example,), path,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
-                          dynamo=False)
-
-
-def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+            return self.run(x).float().cpu().numpy().astype(np.float16)
 
 
 @dataclass

@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..devices import autocast, resolve_device
 from ..labels import CLASSES
+from ..runtime import cache_folder, onnx_model, resolve_backend
 from ..patches import EmptyMaskError, extract_patches, image_seed, rescale_centres, rescale_film, sample_centres
 from .data import load_masked_set
 from .registry import Normalization
@@ -110,11 +112,26 @@ class PatchEngine:
         self.names = list(learners)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.models = [m.eval().to(self.device, memory_format=memory_format) for m in learners.values()]
+        #: The PyTorch networks (Grad-CAM, saving), also when `models` run through another backend.
+        self.torch_models = list(self.models)
         if compile:
             self.models = [torch.compile(m) for m in self.models]
         self.k, self.patch_size, self.normalization = k, patch_size, normalization or Normalization()
         self.amp, self.batch_size, self.memory_format = amp, batch_size, memory_format
         self.seed, self.min_lung_pixels = seed, min_lung_pixels
+        self.backend = "torch"
+
+    def use_backend(self, backend: str, folders: Mapping[str, str | os.PathLike] | None = None) -> None:
+        """Run the learners through ``backend`` (`patchflannel.runtime.BACKENDS`); exported graphs
+        are cached beside ``folders[name]``, each learner's bundle (else in the user cache)."""
+        backend = resolve_backend(backend, self.device)
+        if backend == "onnxruntime":
+            side = self.patch_size
+            self.models = [onnx_model(m, (1, 1, side, side), cache_folder((folders or {}).get(name)))
+                           for name, m in zip(self.names, self.torch_models)]
+        else:
+            self.models = list(self.torch_models)
+        self.backend = backend
 
     def sample(self, images: torch.Tensor, masks: torch.Tensor,
                seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, list[str | None]]:

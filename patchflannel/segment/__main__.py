@@ -19,6 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..runtime import BACKEND_HELP, BACKENDS
 from ..errors import EXIT_NOTHING_DONE, EXIT_USAGE, PatchflannelError, run_command
 from ..jobs.shard import Shard
 from ..store import PackWriteError
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="threads that decode and write beside the network")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
     p.add_argument("--working-size", type=int, default=1024, help="side of the stored square image")
     p.add_argument("--path-column", default="image", help="manifest column holding image paths")
     p.add_argument("--keep-unmasked", action="store_true", help="also store the unmasked image")
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
         if not items:
             print(f"error: {args.input}: no images found", file=sys.stderr)
             return exit_status({"total": 0, "ok": 0})
-        segmenter = Segmenter.from_bundle(args.weights, device=args.device, amp=not args.no_amp,
+        segmenter = Segmenter.from_bundle(args.weights, device=args.device, amp=not args.no_amp, backend=args.backend,
                                           working_size=args.working_size, batch_size=args.batch_size)
         counts = run_batch(args.input, out_dir, segmenter, batch_size=args.batch_size, workers=args.workers,
                            path_column=args.path_column, keep_unmasked=args.keep_unmasked,

@@ -14,6 +14,7 @@ from ..errors import WeightsError
 from ..io import as_grey_float
 from ..preprocess import Letterbox, SegmenterPreprocess, resize
 from ..devices import autocast, resolve_device
+from ..runtime import cache_folder, onnx_model, resolve_backend
 from .bundle import load_bundle
 from .gate import LungCheck
 from .postprocess import postprocess_mask
@@ -73,6 +74,9 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        #: The PyTorch network, also when `model` runs through another backend (`patchflannel.runtime`).
+        self.torch_model = self.model
+        self.backend = "torch"
         self.config = config
         self.preprocess = SegmenterPreprocess.from_dict(config["preprocess"])
         self.threshold = float(config.get("threshold", 0.5))
@@ -84,14 +88,15 @@ class Segmenter:
         self.id = f"{name}@{config.get('weights_sha256', 'unknown')[:12]}"
 
     @classmethod
-    def from_bundle(cls, folder: str | os.PathLike | None = None, *, verify: bool = True, **kwargs) -> Segmenter:
+    def from_bundle(cls, folder: str | os.PathLike | None = None, *, verify: bool = True, backend: str = "torch",
+                    **kwargs) -> Segmenter:
         """Load a bundle folder (default: the shipped FC-DenseNet, see `patchflannel.hub`).
 
         ``folder`` may also name a shipped bundle from any working directory
         (``weights/segmenter-unet-lite0`` or ``segmenter-unet-lite0``; see
         `patchflannel.hub.resolve_bundle`). Its config and weights are verified
         against their recorded hashes; ``verify=False`` (or ``PATCHFLANNEL_UNVERIFIED_BUNDLES=1``)
-        loads an unverified bundle, with a warning.
+        loads an unverified bundle, with a warning. ``backend``: see `use_backend`.
         """
         folder = folder if folder is not None else default_bundle("segmenter")
         folder = resolve_bundle(folder, "segmenter bundle")
@@ -99,7 +104,20 @@ class Segmenter:
             raise WeightsError(f"segmenter bundle {folder} is not a folder: pass a bundle folder or a shipped name "
                                "(see patchflannel.hub.SHIPPED)")
         model, config = load_bundle(folder, verify=verify)
-        return cls(model, config, name=folder.name, **kwargs)
+        segmenter = cls(model, config, name=folder.name, **kwargs)
+        segmenter.use_backend(backend, folder)
+        return segmenter
+
+    def use_backend(self, backend: str, folder: str | os.PathLike | None = None) -> None:
+        """Run the network through ``backend`` (`patchflannel.runtime.BACKENDS`); an exported graph
+        is cached beside the bundle ``folder`` (else in the user cache)."""
+        backend = resolve_backend(backend, self.device)
+        if backend == "onnxruntime":
+            size = self.preprocess.size
+            self.model = onnx_model(self.torch_model, (1, 1, size, size), cache_folder(folder))
+        else:
+            self.model = self.torch_model
+        self.backend = backend
 
     def network_input(self, image: np.ndarray) -> np.ndarray:
         """Float grey image in [0, 1] -> normalised ``(S, S)`` network input."""
