@@ -367,6 +367,21 @@ def rejection(r: dict) -> str:
 
 # --- Stage 1 and 2 together, hostile input, memory
 
+@renderer("learner_train_speed.json")
+def learner_train_speed(r: dict) -> str:
+    rows = []
+    for name, m in r["learners"].items():
+        onnx = "-" if m["trunk_onnxruntime"] is None else f"{m['trunk_onnxruntime']:.0f}"
+        rows.append(f"| {_short(name)} | {m['full_step']:.1f} | {m['augment']:.0f} | {m['trunk_torch']:.0f} | {onnx} | "
+                    f"{m['top_step']:.0f} ({m['top_step_over_full_step']:.0f}x) |")
+    return (f"Patches per second on this CPU ({r['threads']} threads, float32, medians of {r['repeats']}): a "
+            "training step of the earlier recipe (30 % of the tensors frozen), the augmented data path, the "
+            f"frozen trunk (stem + {r['frozen_blocks']} stages) in PyTorch and ONNX Runtime, and a training "
+            "step on cached activations:\n\n"
+            "| learner | full step | augment | trunk, PyTorch | trunk, ONNX Runtime | cached step |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 @renderer("hostile_input.json")
 def hostile_input(r: dict) -> str:
     rows = "\n".join(f"| {title} | `{s['file']}` | {s['cases']} | {s['passed']} |" for title, s in r["suites"].items())
