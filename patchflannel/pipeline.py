@@ -68,7 +68,8 @@ class Prediction:
         lung_fraction: fraction of the image covered by the lung mask.
         mask: the lung mask on the letterboxed working grid (not in `to_dict`; stored
             bit-packed in ``packed_mask``).
-        centres: ``(K, 2)`` patch centres on the working grid (not in `to_dict`).
+        patches: the patches it was classified from (K, or fewer when adaptive).
+        centres: ``(patches, 2)`` patch centres on the working grid (not in `to_dict`).
         heatmap: with ``explain=True``, the ensemble's probabilistic Grad-CAM for ``label``,
             ``(W/4, W/4)`` float in [0, 1] on the working grid, zero outside the lung (not in
             `to_dict`); ``learner_heatmaps`` holds each learner's and ``working_image``
@@ -85,6 +86,7 @@ class Prediction:
     uncertainty: dict[str, float] | None = None
     rejection: str | None = None
     lung_fraction: float | None = None
+    patches: int | None = None
     packed_mask: np.ndarray | None = field(default=None, repr=False)
     mask_shape: tuple[int, int] | None = field(default=None, repr=False)
     centres: np.ndarray | None = field(default=None, repr=False)
@@ -141,6 +143,8 @@ class Pipeline:
         backend: ``"torch"`` (eager), ``"onnxruntime"`` (the networks exported to ONNX, checked
             against PyTorch, run by ONNX Runtime on the CPU) or ``"auto"`` (ONNX Runtime on a
             CPU when installed); see `patchflannel.runtime`. Grad-CAM always runs in PyTorch.
+        adaptive: classify each film from as few of its K patches as settle its label (see
+            `PatchEngine`, `patchflannel.learners.engine.settled`); K stays the cap.
         bundle_folders: ``{learner name or "segmenter": bundle folder}``, where exported graphs are
             cached (`patchflannel.runtime.cache_folder`); set by `from_bundles`.
     """
@@ -149,7 +153,7 @@ class Pipeline:
                  temperature: float = 1.0, patch_size: int = 224, normalization: Normalization | None = None,
                  classes: Sequence[str] = CLASSES, k: int = DEFAULT_K, seed: int = 0, batch_size: int = 8,
                  device="auto", amp: bool = True, progress: bool = False, explain_batch_size: int = 8,
-                 scales: Mapping[str, int] | None = None, backend: str = "torch",
+                 scales: Mapping[str, int] | None = None, backend: str = "torch", adaptive: bool = False,
                  bundle_folders: Mapping[str, str | os.PathLike] | None = None):
         if weight_module is not None and weight_module.num_learners != len(learners):
             raise ValueError(f"weight module combines {weight_module.num_learners} learners, got {len(learners)}")
@@ -160,7 +164,7 @@ class Pipeline:
         self.segmenter = segmenter
         self.engine = PatchEngine(learners, k=k, patch_size=patch_size, normalization=normalization,
                                   device=segmenter.device if device == "auto" else device, amp=amp, seed=seed,
-                                  scales=scales)
+                                  scales=scales, adaptive=adaptive)
         self.weight_module = None if weight_module is None else weight_module.eval().cpu()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -346,7 +350,8 @@ class Pipeline:
             pred.uncertainty = uncertainty(p, probs[j], result.votes[j])
             if weights is not None:
                 pred.learner_weights = {n: round(float(w), 6) for n, w in zip(self.learner_names, weights[j])}
-            pred.centres = result.centres[j].numpy()
+            pred.patches = int(result.used[j])
+            pred.centres = result.centres[j, :pred.patches].numpy()
             if explain:
                 self._explain(pred, todo[j][1], masked[j])
 

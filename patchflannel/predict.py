@@ -158,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=BACKENDS, default="torch", help=BACKEND_HELP)
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=False,
+                   help="classify each film from as few of its K patches as settle its label (K stays the cap)")
     p.add_argument("--explain", action="store_true", help="write a Grad-CAM overlay PNG per classified input")
     p.add_argument("--shard", default=None,
                    help="i/n: only shard i (from 0) of n, logged apart (auto: from torchrun/SLURM variables)")
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
             print(f"error: {args.input}: no images found", file=sys.stderr)
             return exit_status({"total": 0, "ok": 0})
         settings = {k: v for k, v in (("k", args.k), ("seed", args.seed)) if v is not None}
-        settings["backend"] = args.backend
+        settings.update(backend=args.backend, adaptive=args.adaptive)
         if args.segmenter or args.learners or args.ensemble:
             pipeline = Pipeline.from_bundles(args.segmenter, args.learners, args.ensemble, device=args.device,
                                              batch_size=args.batch_size, **settings)

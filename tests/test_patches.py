@@ -97,3 +97,15 @@ def test_a_mask_pixel_decided_differently_moves_only_the_centres_on_it(real_mask
     shared = sum((before & after).values())
     assert shared == k - on_border  # every centre off the changed pixels stays
     assert on_border < 0.1 * k
+
+
+def test_settled_waits_for_evidence_and_always_stops_at_k():
+    from patchflannel.learners.engine import settled
+
+    generator = torch.Generator().manual_seed(0)
+    sure = torch.tensor([0.9, 0.05, 0.03, 0.02]).expand(2, 16, 4)  # 2 learners, 16 identical patches
+    assert settled(sure, k=100)
+    split = torch.softmax(torch.randn(2, 16, 4, generator=generator) * 3, -1)  # patches that disagree
+    assert not settled(split, k=100)
+    assert settled(split, k=16)  # all K seen: nothing left to change the label
+    assert not settled(sure[:, :1], k=100)  # one patch is no evidence

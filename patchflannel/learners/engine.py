@@ -30,7 +30,7 @@ from ..patches import EmptyMaskError, extract_patches, image_seed, rescale_centr
 from .data import load_masked_set
 from .registry import Normalization
 
-__all__ = ["PatchEngine", "PatchPredictions", "predict_probs", "vote"]
+__all__ = ["PatchEngine", "PatchPredictions", "predict_probs", "settled", "vote"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class PatchPredictions:
         labels: ``(N, L)`` majority-vote class index (ties go to the higher mean probability).
         centres: ``(N, K, 2)`` patch centres (row, col) on the working grid.
         rejected: per image ``None`` or the reason it was not classified.
-        patch_probs: ``(N, L, K, C)`` per-patch softmax when requested, else ``None``.
+        patch_probs: ``(N, L, K, C)`` per-patch softmax when requested, else ``None`` (NaN
+            for patches an adaptive run did not need).
+        used: ``(N,)`` patches each image was classified from (K unless adaptive; 0 if rejected).
     """
 
     learners: list[str]
@@ -57,6 +59,30 @@ class PatchPredictions:
     rejected: list[str | None]
     patch_probs: torch.Tensor | None = None
     classes: tuple[str, ...] = field(default=CLASSES)
+    used: torch.Tensor | None = None
+
+
+def settled(patch_probs: torch.Tensor, k: int, z: float = 3.0) -> bool:
+    """Whether ``n`` patches already decide the label that all ``k`` would give.
+
+    ``patch_probs`` ``(L, n, C)``: the learners' softmax of the first ``n`` patches. On the
+    learners' mean per patch, the margin ``d`` between the leading class and the runner-up
+    of the current mean is a mean of per-patch margins; the ``k - n`` patches still to come
+    can pull the final mean margin down by their share of it, so the label is settled when
+    ``mean(d) > z * (k - n) / k * std(d) * sqrt(1/n + 1/(k - n))`` (a normal bound on the
+    final margin over the remaining and the already-seen patches). ``n == k`` is always settled.
+    """
+    n = patch_probs.shape[1]
+    if n >= k:
+        return True
+    if n < 2:
+        return False
+    per_patch = patch_probs.float().mean(0)  # (n, C): the learners' mean
+    top2 = per_patch.mean(0).topk(2).indices
+    margins = per_patch[:, top2[0]] - per_patch[:, top2[1]]
+    spread = float(margins.std()) if n > 1 else float("inf")
+    bound = z * (k - n) / k * spread * (1 / n + 1 / (k - n)) ** 0.5
+    return float(margins.mean()) > bound
 
 
 def vote(patch_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,6 +113,11 @@ class PatchEngine:
             (or the seed passed to `predict`) and this seed, so the same image gives the
             same patches anywhere in any batch.
         min_lung_pixels: masks with fewer lung pixels are rejected, not sampled.
+        adaptive: classify each image from as few of its K patches as decide its label
+            (`settled`): patches in rounds of ``adaptive_round``, from ``adaptive_min``
+            on, never more than K; the patches are the first ones of the same stream, so the
+            result at K is the same as without.
+        adaptive_z: the bound's width (larger: more patches, closer to fixed K).
         scales: per learner (a mapping by name, or a sequence in learner order), the side of the
             film its patches are cut from (its bundle's ``working_size``); ``None`` or a
             learner missing from the mapping: the grid of the images passed to `predict`.
@@ -99,7 +130,8 @@ class PatchEngine:
                  patch_size: int = 224, normalization: Normalization | None = None, device="auto",
                  amp: bool = True, batch_size: int = 128, channels_last: bool = True, compile: bool = False,
                  seed: int = 0, min_lung_pixels: int = 1000,
-                 scales: Mapping[str, int] | Sequence[int | None] | None = None):
+                 scales: Mapping[str, int] | Sequence[int | None] | None = None, adaptive: bool = False,
+                 adaptive_round: int = 8, adaptive_min: int = 16, adaptive_z: float = 3.0):
         if not isinstance(learners, Mapping):
             learners = {f"learner{i}": m for i, m in enumerate(learners)}
         if scales is None or isinstance(scales, Mapping):
@@ -120,6 +152,8 @@ class PatchEngine:
         self.amp, self.batch_size, self.memory_format = amp, batch_size, memory_format
         self.seed, self.min_lung_pixels = seed, min_lung_pixels
         self.backend = "torch"
+        self.adaptive, self.adaptive_round, self.adaptive_min, self.adaptive_z = (adaptive, adaptive_round,
+                                                                                  adaptive_min, adaptive_z)
 
     def use_backend(self, backend: str, folders: Mapping[str, str | os.PathLike] | None = None) -> None:
         """Run the learners through ``backend`` (`patchflannel.runtime.BACKENDS`); exported graphs
@@ -233,17 +267,36 @@ class PatchEngine:
         n, num_learners = len(images), len(self.models)
         centres, rejected = self.sample(images, masks, seeds)
         keep = [i for i, r in enumerate(rejected) if r is None]
-        if keep:
+        full = torch.full((n, num_learners, self.k, len(CLASSES)), float("nan"))
+        used = torch.zeros(n, dtype=torch.long)
+        if keep and not self.adaptive:
             probs = self._forward_scales(images[keep], masks[keep], centres[keep])
             full = torch.full((n, num_learners, self.k, probs.shape[-1]), float("nan"))
             full[keep] = probs.reshape(num_learners, len(keep), self.k, -1).transpose(0, 1).cpu()
-        else:
-            full = torch.full((n, num_learners, self.k, len(CLASSES)), float("nan"))
-        mean, votes, labels = vote(full)
-        dropped = [i for i, r in enumerate(rejected) if r is not None]
-        labels[dropped], votes[dropped] = -1, float("nan")
+            used[keep] = self.k
+        elif keep:
+            full, used = self._forward_adaptive(images, masks, centres, keep, full, used)
+        shape = (n, num_learners, full.shape[-1])
+        mean, votes = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+        labels = torch.full((n, num_learners), -1, dtype=torch.long)
+        for i in keep:
+            mean[i], votes[i], labels[i] = vote(full[i, :, :int(used[i])])
         return PatchPredictions(self.names, mean, votes, labels, centres.cpu(), rejected,
-                                full if return_patch_probs else None)
+                                full if return_patch_probs else None, used=used)
+
+    def _forward_adaptive(self, images, masks, centres, keep, full, used):
+        """Rounds of patches for the images whose label is not yet `settled`."""
+        active = list(keep)
+        start = 0
+        while active and start < self.k:
+            stop = min(self.k, max(start + self.adaptive_round, self.adaptive_min if start == 0 else 0))
+            probs = self._forward_scales(images[active], masks[active], centres[active, start:stop].contiguous())
+            full[active, :, start:stop] = probs.reshape(len(self.models), len(active), stop - start, -1
+                                                        ).transpose(0, 1).cpu()
+            used[active] = stop
+            active = [i for i in active if not settled(full[i, :, :stop], self.k, self.adaptive_z)]
+            start = stop
+        return full, used
 
 
 def predict_probs(engine: PatchEngine, rows: list[dict], chunk: int = 32, progress: bool = True) -> torch.Tensor:
