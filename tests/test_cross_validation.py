@@ -137,6 +137,23 @@ def test_converged_fold_trains_on_cached_trunks_and_scores_every_baseline(cross_
     assert [c["member"] for c in summary["candidates"]["0"]] and len(summary["candidates"]["0"]) == 2
     config = json.loads((out / "fold0" / "efficientnet_lite0-192px" / "bundle" / "config.json").read_text())
     assert config["working_size"] == 192 and config["training"]["frozen_blocks"] == 6
+
+    # The evaluation bank holds the engine's own patches: the saved bundle through the engine,
+    # from the films, gives what the trainer predicted from its bank (float16 activations: ~1e-3).
+    import numpy as np
+    import torch
+
+    from patchflannel.learners.bundle import load_learner
+    from patchflannel.learners.data import load_masked_set, read_rows
+    from patchflannel.learners.engine import PatchEngine
+
+    model, _ = load_learner(out / "fold0" / "efficientnet_lite0-192px" / "bundle")
+    saved = np.load(out / "fold0" / "efficientnet_lite0-192px" / "predictions.npz")
+    films = load_masked_set(read_rows(packs)[:10], progress=False)
+    engine = PatchEngine({"m": model}, k=4, device="cpu", scales=[192])
+    direct = engine.predict(films.images, films.masks).probs[:, 0]
+    banked = torch.from_numpy(saved["probs"][:10].astype(np.float32)).mean(1)
+    assert saved["usable"][:10].all() and float((direct - banked).abs().max()) < 0.02
     # One bank per learner, scale and kind, shared by every fold.
     assert sorted(p.name for p in (out / "banks").iterdir()) == sorted(
         f"efficientnet_lite0-{kind}" for kind in (

@@ -51,11 +51,11 @@ def test_pipeline_through_onnxruntime_predicts_what_pytorch_does(pipeline, cxr4_
     from patchflannel import Pipeline
 
     monkeypatch.setenv("PATCHFLANNEL_CACHE", str(tmp_path))
-    films = [r["image"] for r in cxr4_rows[::150][:6]]
+    films = [r["image"] for r in cxr4_rows[::300][:4]]
     fast = Pipeline.from_bundles(device="cpu", k=pipeline.engine.k, backend="onnxruntime")
     assert fast.backend == "onnxruntime" and fast.segmenter.backend == "onnxruntime"
-    for eager, onnx in zip(pipeline.predict(films), fast.predict(films, explain=True)):
+    for eager, onnx in zip(pipeline.predict(films), fast.predict(films)):
         assert onnx.label == eager.label and np.array_equal(onnx.mask, eager.mask)
         assert np.array_equal(onnx.centres, eager.centres)
         assert max(abs(onnx.probabilities[c] - eager.probabilities[c]) for c in eager.probabilities) < 1e-4
-        assert onnx.heatmap is not None  # Grad-CAM runs on the PyTorch networks
+    assert fast.predict(films[0], explain=True).heatmap is not None  # Grad-CAM on the PyTorch networks
