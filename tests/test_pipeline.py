@@ -173,14 +173,15 @@ def test_adaptive_k_uses_a_prefix_of_the_same_patches_and_keeps_the_labels(pipel
     from patchflannel.io import load_image
     from patchflannel.learners.engine import PatchEngine
 
-    films = [pipeline.segmenter.segment(load_image(r["image"])) for r in cxr4_rows[::120][:8]]
+    rows = [r for r in cxr4_rows if r["label"] == "covid"][:3] + [r for r in cxr4_rows if r["label"] == "normal"][:3]
+    films = [pipeline.segmenter.segment(load_image(r["image"])) for r in rows]
     images = np.stack([f.masked_working_image for f in films])
     masks = np.stack([f.working_mask for f in films])
-    models = dict(zip(pipeline.learner_names, pipeline.engine.torch_models))
-    fixed = PatchEngine(models, k=32, device="cpu").predict(images, masks, return_patch_probs=True)
-    adaptive = PatchEngine(models, k=32, device="cpu", adaptive=True).predict(images, masks)
-    assert set(adaptive.used.tolist()) <= {16, 24, 32} and adaptive.used.float().mean() < 32
+    models = dict(list(zip(pipeline.learner_names, pipeline.engine.torch_models))[:2])
+    fixed = PatchEngine(models, k=16, device="cpu").predict(images, masks, return_patch_probs=True)
+    adaptive = PatchEngine(models, k=16, device="cpu", adaptive=True, adaptive_min=8).predict(images, masks)
+    assert set(adaptive.used.tolist()) <= {8, 16} and adaptive.used.float().mean() < 16
     for i, n in enumerate(adaptive.used.tolist()):  # the first n of the fixed run's patches
         assert torch.allclose(adaptive.probs[i], fixed.patch_probs[i, :, :n].mean(1), atol=1e-5)
     agree = (adaptive.probs.mean(1).argmax(-1) == fixed.probs.mean(1).argmax(-1)).float().mean()
-    assert agree >= 7 / 8
+    assert agree >= 5 / 6
