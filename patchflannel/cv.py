@@ -84,11 +84,11 @@ REDUCED_EPOCHS = {"efficientnet_lite0": 3, "efficientnet_lite1": 3, "efficientne
 REDUCED_VAL_K = 4
 #: ``--budget converged``: every member trains to a validation plateau on a frozen, cached
 #: ImageNet trunk (`patchflannel.learners.cached`): ReduceLROnPlateau (x0.2 after 2 epochs
-#: without a better validation macro-F1), early stop after 5, at most 60 epochs; validation on
-#: 8 patches per film (a third of an epoch's cost at 16).
+#: without a better validation likelihood, exp(-log loss): macro-F1 on ~365 films is too noisy
+#: to find a plateau in), early stop after 5, at most 60 epochs; validation on 8 patches per film.
 CONVERGED = {"weights": "imagenet", "frozen_blocks": 6, "schedule": "plateau", "plateau_patience": 2, "gamma": 0.2,
              "epochs": 60, "patience": 5, "lr": 1e-3, "batch_size": 64, "patches_per_image": 4, "bank_patches": 16,
-             "val_k": 8, "amp": False}
+             "val_k": 8, "amp": False, "selection": "likelihood"}
 #: The candidates of the converged CV (learner@film size; no size: the packs' grid).
 CONVERGED_CANDIDATES = ("efficientnet_lite0", "efficientnet_lite0@512", "efficientnet_lite1", "efficientnet_lite1@512",
                         "efficientnet_lite2", "efficientnet_lite2@512")
@@ -299,17 +299,19 @@ def k_study(args, rows: list[dict], folds: dict[str, int], fold_list: list[int])
 
 
 def rank_candidates(args, fold: int) -> list[dict]:
-    """The learners of a fold by their best validation macro-F1 (the selection rule of the
-    converged CV's five: chosen on the validation fold, never on the test fold)."""
+    """The learners of a fold by the validation score their epoch was selected on (likelihood
+    for the converged CV; the five are chosen on the validation fold, never on the test fold)."""
     ranked = []
     for member in args.learners:
         history_file = args.out / f"fold{fold}" / member_dir(member) / "history.json"
         if history_file.is_file():
             history = json.loads(history_file.read_text())
-            best = max(history, key=lambda h: h["val_macro_f1"])
-            ranked.append({"member": member, "val_macro_f1": best["val_macro_f1"], "best_epoch": best["epoch"],
+            key = "val_likelihood" if "val_likelihood" in history[0] else "val_macro_f1"
+            best = max(history, key=lambda h: h[key])
+            ranked.append({"member": member, "val_macro_f1": best["val_macro_f1"],
+                           "val_likelihood": best.get("val_likelihood"), "best_epoch": best["epoch"],
                            "epochs": len(history), "train_seconds": history[-1]["elapsed_s"]})
-    return sorted(ranked, key=lambda r: -r["val_macro_f1"])
+    return sorted(ranked, key=lambda r: -(r["val_likelihood"] or r["val_macro_f1"]))
 
 
 def summarise(results: list[dict]) -> dict:

@@ -267,9 +267,11 @@ def top_probs(top: nn.Module, features: np.ndarray, device, batch: int = 256) ->
     return torch.cat(out).reshape(*lead, -1)
 
 
-def write_learning_curve(history: list[dict], path: str | os.PathLike, title: str) -> None:
-    """The training loss, validation macro-F1 and learning rate per epoch, as a PNG (the JSON is
-    the run's ``history.json``). Nothing is written without matplotlib."""
+def write_learning_curve(history: list[dict], path: str | os.PathLike, title: str,
+                         selection: str = "macro_f1") -> None:
+    """The training and validation loss, validation macro-F1 and learning rate per epoch, and the
+    epoch ``selection`` chose, as a PNG (the JSON is the run's ``history.json``). Nothing is
+    written without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -285,7 +287,8 @@ def write_learning_curve(history: list[dict], path: str | os.PathLike, title: st
     ax1.set_xlabel("epoch")
     ax1.legend(fontsize=8)
     ax2.plot(epochs, [h["val_macro_f1"] for h in history], "o-", color="C2", label="validation macro-F1")
-    best = max(history, key=lambda h: h["val_macro_f1"])
+    key = "val_likelihood" if "val_likelihood" in history[0] and selection == "likelihood" else "val_macro_f1"
+    best = max(history, key=lambda h: h[key])
     ax2.axvline(best["epoch"], color="grey", ls=":", label=f"best (epoch {best['epoch']})")
     ax2.set_xlabel("epoch")
     ax2.legend(fontsize=8, loc="lower right")
@@ -380,6 +383,7 @@ def train_cached(packs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg
         report = classification_report(val_labels, probs.argmax(-1).numpy())
         loss = float(nn.functional.nll_loss(probs.clamp_min(1e-7).log(), torch.as_tensor(val_labels)))
         return {"val_macro_f1": report["macro_f1"], "val_accuracy": report["accuracy"], "val_loss": loss,
+                "val_likelihood": float(np.exp(-loss)),
                 "val_f1": {c: v["f1"] for c, v in report["per_class"].items()}}
 
     working_size = cfg.patch_size if cfg.input in WHOLE_INPUTS else cfg.film_size or _pack_grid(rows)
@@ -387,7 +391,7 @@ def train_cached(packs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg
     result = fit(top, optimizer, scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                  images_per_step=films_per_step, seed=cfg.seed, draw_order=draw_order, make_batch=make_batch,
                  loss=lambda logits, y: loss_fn(logits.float(), y), place=place, device=device, amp=cfg.amp,
-                 channels_last=True, validate=validate, score="val_macro_f1", patience=cfg.patience,
+                 channels_last=True, validate=validate, score=f"val_{cfg.selection}", patience=cfg.patience,
                  out_dir=out_dir,
                  on_best=lambda _top, entry: save_trained_learner(out_dir, model, cfg, record, entry, working_size,
                                                                   CLASSES),
@@ -397,9 +401,10 @@ def train_cached(packs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg
     finished = len(history) >= cfg.epochs or (cfg.patience is not None and result["best_epoch"] > 0
                                               and len(history) - result["best_epoch"] >= cfg.patience)
     if place.main and history:
+        chosen = history[result["best_epoch"] - 1] if result["best_epoch"] else history[-1]
         write_learning_curve(history, out_dir / "learning_curve.png",
-                             f"{out_dir.parent.name}/{out_dir.name}: best macro-F1 {result['best']:.3f} "
-                             f"at epoch {result['best_epoch']}")
+                             f"{out_dir.parent.name}/{out_dir.name}: epoch {result['best_epoch']} chosen by validation "
+                             f"{cfg.selection} (macro-F1 {chosen['val_macro_f1']:.3f})", cfg.selection)
     if finished and place.main and not (out_dir / "predictions.npz").is_file():
         best_model, _ = load_learner(out_dir / "bundle")
         _, best_top = split_trunk(best_model, cfg.frozen_blocks)
@@ -410,7 +415,8 @@ def train_cached(packs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg
             probs[part] = top_probs(best_top.to(device), eval_bank.features[part], device)
         atomic_write(out_dir / "predictions.npz", lambda tmp: _save_npz(
             tmp, films=np.asarray(eval_bank.films), probs=probs.numpy().astype(np.float16), usable=eval_bank.usable))
-    return {"history": history, "best_val_macro_f1": result["best"], "best_epoch": result["best_epoch"],
+    best_f1 = history[result["best_epoch"] - 1]["val_macro_f1"] if result["best_epoch"] else float("nan")
+    return {"history": history, "best_val_macro_f1": best_f1, "best_epoch": result["best_epoch"],
             "finished": finished}
 
 

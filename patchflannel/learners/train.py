@@ -96,6 +96,9 @@ class LearnerTrainConfig:
     # cached in patch banks (patchflannel.learners.cached): only the rest trains, at a fraction of the cost
     frozen_blocks: int = 0
     bank_patches: int = 16  # with frozen_blocks: augmented patches (whole films: copies) per film in the bank
+    # What model selection, the plateau schedule and early stopping follow: "macro_f1" (validation
+    # macro-F1) or, with frozen_blocks, "likelihood" (exp(-validation log loss): smoother)
+    selection: str = "macro_f1"
     patch_size: int = 224
     epochs: int = 10
     batch_size: int = 32  # patches per step
@@ -335,6 +338,10 @@ def train(packs: list[str | Path], out_dir: str | Path, cfg: LearnerTrainConfig,
     record), e.g. to report to a hyper-parameter search. Resuming with a different ``lr``,
     ``momentum`` or ``weight_decay`` than the checkpoint's applies the new values from there on."""
     out_dir = Path(out_dir)
+    if cfg.selection not in ("macro_f1", "likelihood"):
+        raise ValueError(f"selection must be 'macro_f1' or 'likelihood', not {cfg.selection!r}")
+    if cfg.selection != "macro_f1" and not cfg.frozen_blocks:
+        raise ValueError("selection 'likelihood' is a cached-trunk option (frozen_blocks > 0)")
     if cfg.frozen_blocks:
         from .cached import train_cached
 
@@ -463,6 +470,8 @@ OPTION_HELP = {
     "amp": "bf16/fp16 autocast where fast (float32 is faster for depthwise convolutions on CPU)",
     "frozen_blocks": "EfficientNets: keep the stem and this many stages frozen and train the rest on their "
                      "cached activations (patch banks; 0 = train end to end)",
+    "selection": "what model selection, the plateau schedule and early stopping follow: macro_f1 (validation "
+                 "macro-F1) or, with --frozen-blocks, likelihood (exp(-validation log loss), smoother)",
     "bank_patches": "with --frozen-blocks: augmented patches (whole-film inputs: augmented copies) per film in "
                     "the training bank",
     "task": "rotation: label-free pretraining (predict each patch's quarter turn) on every film of the "
