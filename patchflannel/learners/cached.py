@@ -37,9 +37,11 @@ from tqdm.auto import tqdm
 
 from ..devices import autocast, resolve_device
 from ..evaluation.metrics import classification_report
+from ..evaluation.protocol import film_id
 from ..evaluation.splits import write_split
 from ..files import atomic_write
 from ..labels import CLASSES
+from ..patches import extract_patches, rescale_centres
 from ..training.augment import Augmentation
 from ..training.distributed import setup
 from ..training.loop import fit
@@ -140,8 +142,6 @@ def bank_name(cfg, kind: str) -> str:
 
 
 def _film_ids(rows: list[dict]) -> list[str]:
-    from ..evaluation.protocol import film_id
-
     return [film_id(r) for r in rows]
 
 
@@ -238,8 +238,6 @@ def _bank_items(rows: list[dict], cfg, kind: str, per_film: int, engine: PatchEn
         usable = np.asarray([r is None for r in rejected])
         size = cfg.film_size or lungs.images.shape[-1]
         films = engine.scaled_films(lungs.images, lungs.masks, size)
-        from ..patches import extract_patches, rescale_centres
-
         keep = torch.from_numpy(usable)
         patches = extract_patches(films[keep][:, None], rescale_centres(centres[keep], lungs.images.shape[-1], size),
                                   cfg.patch_size)
@@ -360,8 +358,7 @@ def train_cached(packs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg
     scheduler = LRPolicy(optimizer, cfg.schedule, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                          step_size=cfg.step_size, gamma=cfg.gamma, plateau_patience=cfg.plateau_patience)
     record = {**config_record(cfg), "packs": [Path(p).name for p in packs], "eval_k": eval_k}
-    val_features = eval_bank.features[val_films, :val_k]  # read once: every epoch validates on it
-    val_features = np.ascontiguousarray(val_features)
+    val_features = eval_bank.features[val_films, :val_k]  # read once (a copy): every epoch validates on it
     per_bank = train_bank.features.shape[1]
 
     def draw_order(generator: torch.Generator) -> torch.Tensor:
@@ -410,9 +407,10 @@ def train_cached(packs: list[str | os.PathLike], out_dir: str | os.PathLike, cfg
         _, best_top = split_trunk(best_model, cfg.frozen_blocks)
         probs = torch.full((len(rows), eval_bank.features.shape[1], len(CLASSES)), float("nan"))
         keep = np.flatnonzero(eval_bank.usable)
+        best_top = best_top.to(device)
         for start in range(0, len(keep), 64):
             part = keep[start:start + 64]
-            probs[part] = top_probs(best_top.to(device), eval_bank.features[part], device)
+            probs[part] = top_probs(best_top, eval_bank.features[part], device)
         atomic_write(out_dir / "predictions.npz", lambda tmp: _save_npz(
             tmp, films=np.asarray(eval_bank.films), probs=probs.numpy().astype(np.float16), usable=eval_bank.usable))
     best_f1 = history[result["best_epoch"] - 1]["val_macro_f1"] if result["best_epoch"] else float("nan")

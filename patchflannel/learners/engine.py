@@ -80,8 +80,7 @@ def settled(patch_probs: torch.Tensor, k: int, z: float = 3.0) -> bool:
     per_patch = patch_probs.float().mean(0)  # (n, C): the learners' mean
     top2 = per_patch.mean(0).topk(2).indices
     margins = per_patch[:, top2[0]] - per_patch[:, top2[1]]
-    spread = float(margins.std()) if n > 1 else float("inf")
-    bound = z * (k - n) / k * spread * (1 / n + 1 / (k - n)) ** 0.5
+    bound = z * (k - n) / k * float(margins.std()) * (1 / n + 1 / (k - n)) ** 0.5
     return float(margins.mean()) > bound
 
 
